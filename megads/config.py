@@ -1,0 +1,388 @@
+"""Typed configuration: one dataclass per section, YAML in, `--set section.key=value` overrides.
+
+config.py alone validates. Every error is a ConfigError whose one-line message names the key
+(and the file when there is one) and the rule that was broken; the CLI turns it into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megads.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = CONFIG_DIR / "model"
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V2/V3 architecture. Names follow the papers and the HF configs."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 256  # d, the residual width
+    intermediate_size: int = 1024  # SwiGLU width of the dense layers
+    moe_intermediate_size: int = 256  # SwiGLU width of one routed (and shared) expert
+    num_layers: int = 4
+    first_k_dense: int = 1  # the first k layers use a dense MLP (first_k_dense_replace)
+    num_heads: int = 4  # n_h
+    q_lora_rank: int = 0  # query compression rank d_c'; 0 = a plain W_Q projection
+    kv_lora_rank: int = 64  # key/value latent rank d_c
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16  # decoupled RoPE dims d_h^R (one shared rope key per token)
+    v_head_dim: int = 32
+    qk_head_dim: int = 0  # 0 = derived (nope + rope); if set it must equal their sum
+    n_routed_experts: int = 8  # 0 = a dense model
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2  # K_r, routed experts per token
+    n_group: int = 1  # expert groups for group-limited routing
+    topk_group: int = 1  # groups kept per token
+    score_func: str = "sigmoid"  # sigmoid (V3) or softmax (V2)
+    route_scale: float = 1.0  # routed_scaling_factor
+    norm_topk_prob: bool = True  # normalise the chosen weights to sum 1 (V3); V2 leaves them
+    router_bias: bool = True  # aux-loss-free balancing bias b_i (selection only)
+    bias_update_speed: float = 0.001  # gamma in b_i += gamma * sign(mean_load - load_i)
+    seq_aux_alpha: float = 0.0  # weight of the sequence-wise balance loss (0.0001 in V3)
+    mtp_depth: int = 0  # D multi-token-prediction modules
+    mtp_lambda: float = 0.3  # MTP loss weight
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | yarn
+    rope_factor: float = 1.0  # YaRN factor
+    original_max_seq_len: int = 4096  # YaRN original_max_position_embeddings
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    cache_dtype: str = "bfloat16"  # dtype the KV-cache figures of model-info assume
+
+    def validate(self, where: str = "model") -> None:
+        _positive(self, where, ["vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                "max_seq_len", "n_group", "topk_group"])
+        _nonneg(self, where, ["q_lora_rank", "n_routed_experts", "n_shared_experts", "first_k_dense",
+                              "mtp_depth", "seq_aux_alpha", "bias_update_speed", "mtp_lambda"])
+        if self.qk_rope_head_dim % 2:
+            _bad(where, "qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.qk_head_dim and self.qk_head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim:
+            _bad(where, "qk_head_dim", f"must equal qk_nope_head_dim + qk_rope_head_dim = "
+                 f"{self.qk_nope_head_dim + self.qk_rope_head_dim}, got {self.qk_head_dim}")
+        if self.first_k_dense > self.num_layers:
+            _bad(where, "first_k_dense", f"must be <= num_layers ({self.num_layers}), got {self.first_k_dense}")
+        if self.score_func not in ("sigmoid", "softmax"):
+            _bad(where, "score_func", f"must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+        if self.rope_scaling not in ("none", "yarn"):
+            _bad(where, "rope_scaling", f"must be 'none' or 'yarn', got {self.rope_scaling!r}")
+        if self.rope_factor < 1:
+            _bad(where, "rope_factor", f"must be >= 1, got {self.rope_factor}")
+        if self.cache_dtype not in ("float32", "bfloat16", "float16", "int8", "float8"):
+            _bad(where, "cache_dtype", f"must be one of float32, bfloat16, float16, int8, float8, got {self.cache_dtype!r}")
+        if self.n_routed_experts > 0 and self.first_k_dense < self.num_layers:
+            if self.moe_intermediate_size <= 0:
+                _bad(where, "moe_intermediate_size", "must be > 0 when the model has routed experts")
+            if self.num_experts_per_tok < 1:
+                _bad(where, "num_experts_per_tok", f"must be >= 1, got {self.num_experts_per_tok}")
+            if self.num_experts_per_tok > self.n_routed_experts:
+                _bad(where, "num_experts_per_tok", f"must be <= n_routed_experts ({self.n_routed_experts}), "
+                     f"got {self.num_experts_per_tok}")
+            if self.n_routed_experts % self.n_group:
+                _bad(where, "n_routed_experts", f"must be divisible by n_group ({self.n_group}), "
+                     f"got {self.n_routed_experts}")
+            if self.topk_group > self.n_group:
+                _bad(where, "topk_group", f"must be <= n_group ({self.n_group}), got {self.topk_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.num_experts_per_tok > self.topk_group * per_group:
+                _bad(where, "num_experts_per_tok", f"must be <= topk_group x experts per group "
+                     f"({self.topk_group} x {per_group}), got {self.num_experts_per_tok}")
+
+    @property
+    def head_dim_qk(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_routed_experts > 0 and layer >= self.first_k_dense
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. Data parallel = world / (tp * pp); experts fold over DP: EDP = DP*TP/EP."""
+
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    ep: int = 1  # expert-parallel size
+    sequence_parallel: bool = False
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0, 1, 2)
+    node_limit: int = 0  # node-limited routing: max EP "nodes" per token (0 = off)
+    ranks_per_node: int = 0  # EP ranks per node for node-limited routing (0 = local world size)
+    timeout_s: float = 600.0  # collective timeout; a lost rank fails the others within it
+    backend: str = "auto"  # auto | gloo | nccl
+
+    def validate(self, where: str = "parallel") -> None:
+        _positive(self, where, ["tp", "pp", "ep", "timeout_s"])
+        _nonneg(self, where, ["node_limit", "ranks_per_node"])
+        if self.zero_stage not in (0, 1, 2, 3):
+            _bad(where, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            _bad(where, "backend", f"must be auto, gloo or nccl, got {self.backend!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpoints."""
+
+    max_steps: int = 100
+    micro_batch_size: int = 4  # sequences per rank per micro step
+    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 1234
+    output_dir: str = "runs/default"
+    save_interval: int = 50
+    keep_last: int = 3
+    eval_interval: int = 50
+    eval_iters: int = 4
+    log_interval: int = 1
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5  # consecutive NaN/inf steps before training stops
+    deepspeed_config: str = ""  # a user's own DeepSpeed JSON (overrides the generated one)
+    samples_at_end: int = 3  # generated samples printed when training ends
+    sample_tokens: int = 48
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self, where: str = "train") -> None:
+        _positive(self, where, ["max_steps", "micro_batch_size", "global_batch_size", "seq_len", "lr",
+                                "save_interval", "eval_interval", "log_interval", "keep_last", "max_bad_steps"])
+        _nonneg(self, where, ["min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_iters",
+                              "samples_at_end", "sample_tokens"])
+        if self.precision not in ("fp32", "bf16"):
+            _bad(where, "precision", f"must be fp32 or bf16, got {self.precision!r}")
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            _bad(where, "deepspeed_config", f"file not found: {self.deepspeed_config}")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    paths: list = field(default_factory=list)  # indexed-dataset prefixes, optionally "weight prefix"
+    tokenizer: str = ""  # tokenizer directory (tokenizer.json)
+    builtin_corpus: bool = False  # build a corpus from this Python's stdlib sources/docs if missing
+    data_dir: str = "data/builtin"  # where the builtin corpus, tokenizer and dataset are written
+    vocab_size: int = 4096  # tokenizer size when megads trains one for the builtin corpus
+    split: str = "98,2"  # train,valid shares of documents
+    num_workers: int = 0
+
+    def validate(self, where: str = "data") -> None:
+        parts = str(self.split).split(",")
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            vals = []
+        if len(vals) != 2 or any(v < 0 for v in vals) or sum(vals) <= 0:
+            _bad(where, "split", f"must be 'train,valid' non-negative numbers, got {self.split!r}")
+        if not self.paths and not self.builtin_corpus:
+            pass  # a run without data is fine for model-info/generate; train checks itself
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.parallel.validate()
+        self.train.validate()
+        self.data.validate()
+        if self.model.num_heads % self.parallel.tp:
+            _bad("parallel", "tp", f"must divide model.num_heads ({self.model.num_heads}), got {self.parallel.tp}")
+        if self.model.n_routed_experts and self.model.n_routed_experts % self.parallel.ep:
+            _bad("parallel", "ep", f"must divide model.n_routed_experts ({self.model.n_routed_experts}), "
+                 f"got {self.parallel.ep}")
+        if self.train.seq_len > self.model.max_seq_len:
+            _bad("train", "seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.train.seq_len}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+# ---------------------------------------------------------------- helpers
+
+def _bad(where: str, key: str, rule: str):
+    raise ConfigError(f"{where}.{key}: {rule}")
+
+
+def _positive(obj, where, keys):
+    for k in keys:
+        if getattr(obj, k) <= 0:
+            _bad(where, k, f"must be > 0, got {getattr(obj, k)}")
+
+
+def _nonneg(obj, where, keys):
+    for k in keys:
+        if getattr(obj, k) < 0:
+            _bad(where, k, f"must be >= 0, got {getattr(obj, k)}")
+
+
+def _check_type(value: Any, tp: Any, name: str, src: str) -> Any:
+    """Return value coerced to the field type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if not isinstance(value, base):
+            raise ConfigError(f"{src}{name}: expected a {base.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{src}{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{src}{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{src}{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{src}{name}: expected a string, got {value!r}")
+    return value
+
+
+def _fill(section_obj, mapping: dict, where: str, src: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = {f.name for f in dataclasses.fields(section_obj)}
+    for key, value in mapping.items():
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:4])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{src}{where}.{key}: unknown key{hint}")
+        setattr(section_obj, key, _check_type(value, hints[key], f"{where}.{key}", ""))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    cand = PRESET_DIR / f"{name}.yaml"
+    if not cand.is_file():
+        known = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"model preset {name!r} not found (known: {known})")
+    return cand
+
+
+def load_model_preset(name: str) -> ModelConfig:
+    path = preset_path(name)
+    cfg = ModelConfig()
+    _fill(cfg, _read_yaml(path), "model", f"{path}: ")
+    cfg.validate()
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected section.key=value")
+    lhs, rhs = item.split("=", 1)
+    if "." not in lhs:
+        raise ConfigError(f"--set {item}: key must be section.key (sections: {', '.join(SECTIONS)})")
+    section, key = lhs.strip().split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {lhs}: unknown section {section!r} (sections: {', '.join(SECTIONS)})")
+    try:
+        value = yaml.safe_load(rhs) if rhs.strip() != "" else ""
+    except yaml.YAMLError:
+        value = rhs
+    return section, key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from a run YAML (or a model preset name/YAML) plus --set overrides.
+
+    A run YAML has sections model/parallel/train/data. `model` may be a preset name
+    (`model: tiny`) or a mapping with an optional `preset:` key and field overrides.
+    """
+    cfg = Config()
+    src = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file() and (PRESET_DIR / f"{path}.yaml").is_file():
+            p = PRESET_DIR / f"{path}.yaml"
+        data = _read_yaml(p)
+        src = f"{p}: "
+        if p.parent.resolve() == PRESET_DIR.resolve() or not (set(data) & set(SECTIONS)):
+            data = {"model": data}  # a bare model preset
+        for section, body in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{src}{section}: unknown section (sections: {', '.join(SECTIONS)})")
+            if section == "model":
+                if isinstance(body, str):
+                    cfg.model = load_model_preset(body)
+                    continue
+                body = dict(body or {})
+                if "preset" in body:
+                    cfg.model = load_model_preset(str(body.pop("preset")))
+            if not isinstance(body, dict):
+                raise ConfigError(f"{src}{section}: expected a mapping, got {type(body).__name__}")
+            _fill(getattr(cfg, section), body, section, src)
+    for item in overrides or []:
+        section, key, value = parse_override(item)
+        if section == "model" and key == "preset":
+            cfg.model = load_model_preset(str(value))
+            continue
+        _fill(getattr(cfg, section), {key: value}, section, "--set ")
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{src}{e}") from None
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    cfg = ModelConfig()
+    _fill(cfg, d, "model", "")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,90 @@
+"""The MLA decode cache: per token per layer only the normalised latent c_kv and the rope key.
+
+Never per-head keys or values: kv_lora_rank + qk_rope_head_dim values per token per layer.
+Optionally the latent is quantized (int8 with a per-token float32 scale, or float8 e4m3 with a
+per-token scale where torch has it); the rope key stays in the cache dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from megads.config import ModelConfig
+
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+class LayerCache:
+    """Cache storage of one attention layer: [B, max_len, kv_lora] and [B, max_len, rope]."""
+
+    def __init__(self, batch, max_len, kv_lora, rope, dtype, device, quant: str | None):
+        self.quant = quant
+        if quant is None:
+            self.kv = torch.zeros(batch, max_len, kv_lora, dtype=dtype, device=device)
+        elif quant == "int8":
+            self.kv = torch.zeros(batch, max_len, kv_lora, dtype=torch.int8, device=device)
+        elif quant == "float8":
+            if _FP8 is None:
+                raise ValueError("float8 cache needs torch.float8_e4m3fn, which this torch lacks")
+            self.kv = torch.zeros(batch, max_len, kv_lora, dtype=_FP8, device=device)
+        else:
+            raise ValueError(f"quant must be None, 'int8' or 'float8', got {quant!r}")
+        self.scale = (torch.ones(batch, max_len, 1, dtype=torch.float32, device=device)
+                      if quant is not None else None)
+        self.pe = torch.zeros(batch, max_len, rope, dtype=dtype, device=device)
+        self.dtype = dtype
+
+    def write(self, start: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Store latents kv [B, S, kv_lora] and rope keys pe [B, S, rope] at [start, start+S)."""
+        end = start + kv.shape[1]
+        if self.quant is None:
+            self.kv[:, start:end] = kv.to(self.kv.dtype)
+        else:
+            qmax = 127.0 if self.quant == "int8" else 448.0
+            amax = kv.detach().float().abs().amax(-1, keepdim=True).clamp_min(1e-8)
+            scale = amax / qmax
+            q = kv.detach().float() / scale
+            self.kv[:, start:end] = q.round().clamp(-127, 127).to(torch.int8) if self.quant == "int8" else q.to(_FP8)
+            self.scale[:, start:end] = scale
+        self.pe[:, start:end] = pe.to(self.pe.dtype)
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [B, end, kv_lora] and rope keys [B, end, rope] in the cache dtype."""
+        if self.quant is None:
+            kv = self.kv[:, :end]
+        else:
+            kv = (self.kv[:, :end].float() * self.scale[:, :end]).to(self.dtype)
+        return kv, self.pe[:, :end]
+
+    def bytes_per_token(self) -> int:
+        per = self.kv[0, 0].numel() * self.kv.element_size() + self.pe[0, 0].numel() * self.pe.element_size()
+        if self.scale is not None:
+            per += self.scale.element_size()
+        return per
+
+
+class MLACache:
+    """Decode cache for a whole model: one LayerCache per attention layer (MTP excluded).
+
+    `length` positions are filled (the same for every row: prompts are left-padded).
+    `naive=True` makes attention expand the cache to per-head keys/values each step (tests only).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, dtype=torch.float32, device=None,
+                 quant: str | None = None, naive: bool = False, num_layers: int | None = None):
+        n = cfg.num_layers if num_layers is None else num_layers
+        self.layers = [LayerCache(batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device, quant)
+                       for _ in range(n)]
+        self.length = 0
+        self.max_len = max_len
+        self.naive = naive
+
+    def advance(self, n: int) -> None:
+        self.length += n
+        if self.length > self.max_len:
+            raise ValueError(f"MLACache overflow: {self.length} > max_len {self.max_len}")
+
+    def bytes_per_token_per_layer(self) -> int:
+        return self.layers[0].bytes_per_token()
+
+    def bytes_per_token(self) -> int:
+        return sum(layer.bytes_per_token() for layer in self.layers)

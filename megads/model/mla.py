@@ -1,0 +1,161 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+query:  c_q = RMSNorm(W_DQ h);  q = W_UQ c_q  (or q = W_Q h when q_lora_rank = 0)
+kv:     [c_kv, k_pe] = W_DKV h;  c_kv = RMSNorm(c_kv);  [k_nope, v] = W_UKV c_kv  (per head)
+score:  q_nope.k_nope + q_pe.k_pe   (k_pe: ONE rope key shared by all heads)
+
+Three paths:
+- training (no cache): whole sequences through scaled_dot_product_attention, causal;
+- absorbed decode (cache): W_UK folded into the query and W_UV into the output, attention runs
+  directly over the cached latents; the cache holds only c_kv and k_pe;
+- naive decode (cache.naive): the cache expanded to per-head keys/values (kept for tests).
+Heads are split over the TP group (latent down-projections replicated).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megads.config import ModelConfig
+from megads.model.cache import LayerCache
+from megads.model.norm import RMSNorm
+from megads.model.rope import apply_rope, softmax_scale
+from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp,
+                                    group_size, scaled_init_std)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False):
+        super().__init__()
+        tp = group_size(tp_group)
+        self.cfg = cfg
+        self.n_heads = cfg.num_heads // tp  # local heads
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = self.nope + self.rope
+        self.kv_lora = cfg.kv_lora_rank
+        self.scale = softmax_scale(cfg)
+        self.sequence_parallel = sequence_parallel and tp > 1
+        self.tp_group = tp_group
+        std = cfg.init_std
+        col = dict(tp_group=tp_group, sequence_parallel=self.sequence_parallel, std=std)
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.wq_b = ColumnParallelLinear(cfg.q_lora_rank, cfg.num_heads * self.qk_dim, tp_group=tp_group, std=std)
+        else:
+            self.wq = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * self.qk_dim, **col)
+        self.wkv_a = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.wkv_b = ColumnParallelLinear(cfg.kv_lora_rank, cfg.num_heads * (self.nope + self.vdim),
+                                          tp_group=tp_group, std=std)
+        self.wo = RowParallelLinear(cfg.num_heads * self.vdim, cfg.hidden_size, tp_group=tp_group,
+                                    sequence_parallel=self.sequence_parallel,
+                                    std=scaled_init_std(std, cfg.num_layers))
+        for lin in ([self.wq_a] if cfg.q_lora_rank else []) + [self.wkv_a]:
+            nn.init.normal_(lin.weight, std=std)
+
+    # ------------------------------------------------------------------ projections
+    def _gather_seq(self, x):
+        """Full-sequence input for a replicated projection. Its gradient is identical on every
+        TP rank, so the gather's backward is a split (not a reduce-scatter)."""
+        return gather_from_tp(x, self.tp_group, dim=1) if self.sequence_parallel else x
+
+    def _project(self, x, cos, sin):
+        """x [B, S, D] -> q_nope [B,S,h,nope], q_pe [B,S,h,rope], c_kv [B,S,c], k_pe [B,S,rope]."""
+        if self.cfg.q_lora_rank:
+            q = self.wq_b(self.q_norm(self.wq_a(self._gather_seq(x))))
+        else:
+            q = self.wq(x)
+        B, S = q.shape[:2]
+        q = q.view(B, S, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        kv = self.wkv_a(self._gather_seq(x))
+        c_kv, k_pe = kv.split([self.kv_lora, self.rope], dim=-1)
+        c_kv = self.kv_norm(c_kv)
+        k_pe = apply_rope(k_pe, cos, sin)  # [B, S, rope], shared by every head
+        # k_pe feeds this rank's heads only: sum its gradient over TP so the replicated
+        # down-projection sees the full gradient on every rank
+        k_pe = copy_to_tp(k_pe, self.tp_group)
+        return q_nope, q_pe, c_kv, k_pe
+
+    def _expand(self, c_kv):
+        """Latents [B, T, c] -> k_nope [B, T, h, nope], v [B, T, h, v]."""
+        B, T = c_kv.shape[:2]
+        kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.nope + self.vdim)
+        return kv.split([self.nope, self.vdim], dim=-1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0, attn_mask=None,
+                naive: bool = False):
+        """x [B, S, D]. Without cache: causal attention over x (attn_mask [B, S] of kept keys
+        optional). With cache: write this chunk at [start, start+S) and attend over [0, start+S)
+        (attn_mask [B, start+S] of kept keys)."""
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        B, S = q_nope.shape[:2]
+        if cache is None:
+            out = self._attend_full(q_nope, q_pe, c_kv, k_pe, attn_mask)
+        else:
+            cache.write(start, c_kv, k_pe)
+            kv_all, pe_all = cache.read(start + S)
+            mask = _decode_mask(B, S, start, attn_mask, x.device)
+            if naive:
+                out = self._attend_naive(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask)
+            else:
+                out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask)
+        return self.wo(out.reshape(B, S, self.n_heads * self.vdim))
+
+    def _attend_full(self, q_nope, q_pe, c_kv, k_pe, key_mask):
+        B, S = q_nope.shape[:2]
+        k_nope, v = self._expand(c_kv)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if key_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            mask = _decode_mask(B, S, 0, key_mask, q.device)  # [B, 1, S, S]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            o = torch.nan_to_num(o)  # fully padded query rows
+        return o.transpose(1, 2)  # [B, S, h, v]
+
+    def _attend_naive(self, q_nope, q_pe, kv, pe, mask):
+        """Reference decode: expand every cached latent to per-head keys/values."""
+        k_nope, v = self._expand(kv)  # [B, T, h, *]
+        scores = (torch.einsum("bshd,bthd->bhst", q_nope, k_nope)
+                  + torch.einsum("bshr,btr->bhst", q_pe, pe)) * self.scale
+        p = _masked_softmax(scores, mask).to(v.dtype)
+        return torch.einsum("bhst,bthv->bshv", p, v)
+
+    def _attend_absorbed(self, q_nope, q_pe, kv, pe, mask):
+        """Absorbed decode: q_lat = q_nope W_UK (per head), out = (p . c_kv) W_UV."""
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.vdim, self.kv_lora)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [h, nope, c], [h, v, c]
+        B, S = q_nope.shape[:2]
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, h, c]
+        # one batched matmul over (S*h) query rows against the T cached latents
+        scores = torch.bmm(q_lat.reshape(B, S * self.n_heads, self.kv_lora), kv.transpose(1, 2))
+        scores = scores + torch.bmm(q_pe.reshape(B, S * self.n_heads, self.rope), pe.transpose(1, 2))
+        scores = scores.view(B, S, self.n_heads, -1).transpose(1, 2) * self.scale  # [B, h, S, T]
+        p = _masked_softmax(scores, mask).to(kv.dtype)
+        o_lat = torch.bmm(p.transpose(1, 2).reshape(B, S * self.n_heads, -1), kv)  # [B, S*h, c]
+        o_lat = o_lat.view(B, S, self.n_heads, self.kv_lora)
+        return torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
+
+
+def _decode_mask(B, S, start, key_mask, device):
+    """Bool mask [B, 1, S, start+S]: causal over absolute positions, and kept keys only."""
+    T = start + S
+    q_pos = torch.arange(start, T, device=device).unsqueeze(-1)
+    k_pos = torch.arange(T, device=device).unsqueeze(0)
+    causal = (k_pos <= q_pos).view(1, 1, S, T)
+    if key_mask is None:
+        return causal.expand(B, 1, S, T)
+    return causal & key_mask.bool().view(B, 1, 1, T)
+
+
+def _masked_softmax(scores, mask):
+    """Softmax in float32 over the kept keys; rows with no kept key give zeros."""
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(torch.softmax(scores, dim=-1))

@@ -1,0 +1,122 @@
+"""DeepSeekMoE: fine-grained routed experts + shared experts, auxiliary-loss-free balancing.
+
+gate:    s_i = sigmoid(u.e_i) (V3) or softmax (V2); selection by s_i + b_i, group-limited;
+         weights from the unbiased s_i of the chosen experts, normalised, times route_scale.
+balance: after each optimizer step, b_i += gamma * sign(mean_load - load_i) from the step's
+         (globally reduced) token counts; optional sequence-wise loss alpha * sum_i f_i P_i.
+experts: tokens sorted by expert and pushed through grouped matmuls; no token is dropped.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megads import ops
+from megads.config import ModelConfig
+from megads.parallel.tensor import ColumnParallelLinear, RowParallelLinear, scaled_init_std
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), split over TP (w1/w3 column, w2 row)."""
+
+    def __init__(self, dim: int, inter: int, cfg: ModelConfig, tp_group=None, sequence_parallel=False):
+        super().__init__()
+        kw = dict(tp_group=tp_group, sequence_parallel=sequence_parallel)
+        self.w1 = ColumnParallelLinear(dim, inter, std=cfg.init_std, **kw)
+        self.w3 = ColumnParallelLinear(dim, inter, std=cfg.init_std, **kw)
+        self.w2 = RowParallelLinear(inter, dim, std=scaled_init_std(cfg.init_std, cfg.num_layers), **kw)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router: logits u.e_i in float32, routed through megads.ops.route (native or torch)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+        # the balancing bias is state, not a parameter: the trainer updates it, never the optimizer
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.router_bias else None)
+
+    def forward(self, x):
+        """x [T, D] -> weights [T, k] float32, indices [T, k], counts [E], logits [T, E]."""
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        w, idx, counts = ops.route(logits, self.bias, top_k=c.num_experts_per_tok, n_group=c.n_group,
+                                   topk_group=c.topk_group, score_func=c.score_func,
+                                   route_scale=c.route_scale, norm_topk_prob=c.norm_topk_prob)
+        return w, idx, counts, logits
+
+
+class Experts(nn.Module):
+    """A stack of SwiGLU experts stored as [E, out, in] tensors for grouped matmuls."""
+
+    def __init__(self, num_experts: int, dim: int, inter: int, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, inter, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
+        nn.init.normal_(self.w1, std=cfg.init_std)
+        nn.init.normal_(self.w3, std=cfg.init_std)
+        nn.init.normal_(self.w2, std=scaled_init_std(cfg.init_std, cfg.num_layers))
+
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x_sorted [N, D] rows grouped by expert (offsets [E+1]) -> [N, D]."""
+        h = F.silu(ops.grouped_linear(x_sorted, self.w1, offsets)) * ops.grouped_linear(x_sorted, self.w3, offsets)
+        return ops.grouped_linear(h, self.w2, offsets)
+
+
+class LocalDispatcher:
+    """All experts on this rank: permute, grouped experts, weighted unpermute."""
+
+    def __call__(self, x, weights, indices, experts: Experts):
+        x_sorted, offsets, state = ops.permute(x, indices, experts.num_experts)
+        y_sorted = experts(x_sorted, offsets)
+        return ops.unpermute(y_sorted, weights.to(x.dtype), state)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, dispatcher=None,
+                 num_local_experts: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(num_local_experts or cfg.n_routed_experts, cfg.hidden_size,
+                               cfg.moe_intermediate_size, cfg)
+        self.shared = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, cfg, tp_group,
+                           sequence_parallel) if cfg.n_shared_experts else None)
+        self.dispatcher = dispatcher or LocalDispatcher()
+        self.last_counts: torch.Tensor | None = None  # tokens per expert of the last forward
+        self.last_aux: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> (y [B, S, D], sequence-wise balance loss (0 when alpha = 0))."""
+        B, S, D = x.shape
+        flat = x.reshape(B * S, D)
+        weights, indices, counts, logits = self.gate(flat)
+        self.last_counts = counts.detach()
+        aux = flat.new_zeros((), dtype=torch.float32)
+        if self.training and self.cfg.seq_aux_alpha > 0:
+            scores = ops.router_scores(logits, self.cfg.score_func)
+            aux = self.cfg.seq_aux_alpha * ops.sequence_balance_loss(
+                scores, indices, B, self.cfg.n_routed_experts, self.cfg.num_experts_per_tok)
+        y = self.dispatcher(flat, weights, indices, self.experts).view(B, S, D)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y, aux
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """Aux-loss-free balancing: b_i += gamma * sign(mean_load - load_i).
+
+        counts: [E] tokens per expert of the whole (global) batch of one optimizer step.
+        """
+        if self.gate.bias is None or self.cfg.bias_update_speed == 0:
+            return
+        load = counts.to(self.gate.bias.device, torch.float32)
+        self.gate.bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)

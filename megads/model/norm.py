@@ -1,0 +1,26 @@
+"""RMSNorm: NVIDIA Apex's fused kernel on CUDA when importable, torch's rms_norm otherwise."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional, built from source on GPU clusters; the PyPI "apex" is an unrelated package
+    from apex.normalization import FusedRMSNorm as _ApexRMSNorm  # type: ignore
+except Exception:  # pragma: no cover - not on CPU machines
+    _ApexRMSNorm = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ApexRMSNorm is not None and x.is_cuda:
+            from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # type: ignore
+
+            return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
+        # normalise in float32 like the reference implementations, then cast back
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

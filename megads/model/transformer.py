@@ -1,0 +1,217 @@
+"""The DeepSeek-V3 decoder: embedding, blocks of MLA + (dense MLP | DeepSeekMoE), MTP, head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from megads.config import ModelConfig
+from megads.model.cache import MLACache
+from megads.model.mla import MLA
+from megads.model.moe import MLP, MoE
+from megads.model.norm import RMSNorm
+from megads.model.rope import RotaryEmbedding
+from megads.parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, gather_from_sp, gather_from_tp,
+                                    group_rank, group_size, vocab_parallel_cross_entropy)
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor  # lm_loss + mtp_lambda * mtp_loss + aux_loss
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    num_tokens: torch.Tensor  # label tokens counted in lm_loss
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h += attn(norm(h)); h += ffn(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool, par: dict):
+        super().__init__()
+        self.layer_id = layer_id
+        sp = par.get("sequence_parallel", False)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg, par.get("tp_group"), sp)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if moe:
+            self.ffn = MoE(cfg, par.get("tp_group"), sp, dispatcher=par.get("dispatcher"),
+                           num_local_experts=par.get("num_local_experts"))
+        else:
+            self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, par.get("tp_group"), sp)
+        self.is_moe = moe
+
+    def forward(self, h, cos, sin, cache=None, start=0, attn_mask=None, naive=False):
+        h = h + self.attn(self.attn_norm(h), cos, sin, cache, start, attn_mask, naive)
+        if self.is_moe:
+            y, aux = self.ffn(self.ffn_norm(h))
+        else:
+            y, aux = self.ffn(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
+        return h + y, aux
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k: h' = W [RMSNorm(h_prev); RMSNorm(Emb(t_{i+k}))], one block,
+    then its own final norm; embedding and output head are the main model's."""
+
+    def __init__(self, cfg: ModelConfig, depth: int, par: dict):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        nn.init.normal_(self.eh_proj.weight, std=cfg.init_std)
+        self.block = Block(cfg, cfg.num_layers + depth, cfg.n_routed_experts > 0, par)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_prev, emb, cos, sin):
+        x = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb)], dim=-1))
+        h, aux = self.block(x, cos, sin)
+        return h, aux
+
+
+class Transformer(nn.Module):
+    """`forward(tokens)` -> logits [B, S, V] float32; `forward(tokens, labels)` -> LMOutput.
+
+    `par` (from megads.parallel) carries the TP group, sequence parallelism and the expert
+    dispatcher; without it the model is the plain single-device math.
+    """
+
+    def __init__(self, cfg: ModelConfig, par: dict | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        par = dict(par or {})
+        self.par = par
+        self.tp_group = par.get("tp_group")
+        self.sequence_parallel = bool(par.get("sequence_parallel")) and group_size(self.tp_group) > 1
+        if self.sequence_parallel and cfg.mtp_depth:
+            raise ValueError("sequence parallelism with multi-token prediction is not supported yet")
+        self.activation_checkpointing = False
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group=self.tp_group,
+                                            std=cfg.init_std)
+        self.rope = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i, cfg.is_moe_layer(i), par) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group=self.tp_group,
+                                         std=cfg.init_std)
+        self.mtp = nn.ModuleList(MTPModule(cfg, k + 1, par) for k in range(cfg.mtp_depth))
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    # ---------------------------------------------------------------- helpers
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, main blocks first, then MTP blocks (the bias-update order)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if b.is_moe]
+
+    def expert_counts(self) -> torch.Tensor | None:
+        """[L_moe, E] tokens per expert of the last forward (None for a dense model)."""
+        layers = self.moe_layers()
+        if not layers or layers[0].last_counts is None:
+            return None
+        return torch.stack([m.last_counts.float() for m in layers])
+
+    @torch.no_grad()
+    def update_router_biases(self, counts: torch.Tensor) -> None:
+        """Apply the aux-loss-free bias update with the step's global counts [L_moe, E]."""
+        for m, c in zip(self.moe_layers(), counts):
+            m.update_bias(c)
+
+    def _embed(self, tokens):
+        h = self.embed(tokens)
+        if self.sequence_parallel:  # enter the sequence-parallel region: keep our sequence chunk
+            from megads.parallel.tensor import scatter_to_tp
+
+            h = scatter_to_tp(h, self.tp_group, dim=1)
+        return h
+
+    def _run_block(self, block, h, cos, sin, **kw):
+        if self.activation_checkpointing and self.training and not kw.get("cache"):
+            return checkpoint(block, h, cos, sin, use_reentrant=False)
+        return block(h, cos, sin, **kw)
+
+    def _logits(self, h):
+        if self.sequence_parallel:
+            h = gather_from_sp(h, self.tp_group, dim=1)
+        return self.head(h)  # [B, S, V/tp]
+
+    def _ce(self, logits_local, labels):
+        """Per-token loss [N] without gathering the full vocabulary."""
+        V_local = logits_local.shape[-1]
+        return vocab_parallel_cross_entropy(logits_local.reshape(-1, V_local), labels.reshape(-1),
+                                            tp_group=self.tp_group,
+                                            vocab_start=group_rank(self.tp_group) * V_local)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
+                naive: bool = False):
+        """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
+
+        positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
+        kept keys (T = cache length + S with a cache, S without) for left-padded batches.
+        """
+        B, S = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + S, device=tokens.device)
+        h = self._embed(tokens)
+        # full-sequence rope tables: under sequence parallelism MLA gathers the sequence first
+        cos, sin = self.rope(positions, h.dtype)
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            h, aux = self._run_block(block, h, cos, sin, cache=layer_cache, start=start,
+                                     attn_mask=attention_mask, naive=naive)
+            aux_total = aux_total + aux
+        if cache is not None:
+            cache.advance(S)
+        hn = self.norm(h)
+        if labels is None:
+            logits = self._logits(hn)
+            return gather_from_tp(logits, self.tp_group).float()
+        losses = self._ce(self._logits(hn), labels)
+        valid = (labels.reshape(-1) != -100)
+        n = valid.sum()
+        lm_loss = losses.sum() / n.clamp_min(1)
+        mtp_loss = h.new_zeros((), dtype=torch.float32)
+        if self.mtp:
+            mtp_loss, mtp_aux = self._mtp_loss(h, labels, positions)
+            aux_total = aux_total + mtp_aux
+        loss = lm_loss + self.cfg.mtp_lambda * mtp_loss + aux_total
+        return LMOutput(loss, lm_loss.detach(), mtp_loss.detach(), aux_total.detach(), n)
+
+    def _mtp_loss(self, h, labels, positions):
+        """Depth k predicts t_{i+k+1} from h^{k-1}_i and Emb(t_{i+k}) (= labels[i+k-1]).
+
+        Returns (mean MTP loss over the depths, their balance losses)."""
+        S = labels.shape[1]
+        total = h.new_zeros((), dtype=torch.float32)
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        h_prev = h
+        for k, module in enumerate(self.mtp, start=1):
+            L = S - k
+            if L <= 0:
+                break
+            inp = labels[:, k - 1:k - 1 + L].clamp_min(0)
+            tgt = labels[:, k:k + L]
+            emb = self.embed(inp)
+            pos = positions[..., :L]
+            cos, sin = self.rope(pos, h.dtype)
+            hk, aux = module(h_prev[:, :L], emb, cos, sin)
+            aux_total = aux_total + aux
+            logits = self.head(module.norm(hk))
+            losses = self._ce(logits, tgt)
+            total = total + losses.sum() / (tgt != -100).sum().clamp_min(1)
+            h_prev = hk
+        return total / len(self.mtp), aux_total
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens=32, temperature=0.0, top_p=1.0, **kw):
+        """Batched KV-cached sampling on the absorbed path; see megads.model.generate."""
+        from megads.model.generate import generate
+
+        return generate(self, tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **kw)
+

@@ -1,0 +1,286 @@
+"""Tensor (+sequence) parallel layers, Megatron-style. Each is exactly the plain op at size 1.
+
+The model code uses only these layer types; `parallel/state.py` decides the group. A layer built
+with `tp_group=None` (or a group of size 1) holds the full weight and does no communication.
+
+Conventions: activations are [B, S, H]; with sequence parallelism the norm/residual regions hold
+[B, S/tp, H] and the column-parallel input gathers the sequence, the row-parallel output
+reduce-scatters it back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ---------------------------------------------------------------- autograd collectives
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient backward (f in Megatron)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward; identity backward (g in Megatron)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n, r = group_size(group), group_rank(group)
+    return x.chunk(n, dim=dim)[r].contiguous()
+
+
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = group_size(group)
+    x = x.contiguous()
+    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
+    out = torch.empty_like(parts[0])
+    if hasattr(dist, "reduce_scatter") and dist.get_backend(group) != "gloo":
+        dist.reduce_scatter(out, parts, group=group)
+        return out
+    # gloo has no reduce_scatter: all-reduce then keep our chunk
+    dist.all_reduce(x, group=group)
+    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along `dim` forward; split backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, ctx.dim, ctx.group), None, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Split along `dim` forward; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """Sequence parallel: all-gather the sequence forward, reduce-scatter the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Sequence parallel: reduce-scatter the sequence forward, all-gather the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.dim, ctx.group), None, None
+
+
+def copy_to_tp(x, group):
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x, group, dim=-1):
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, dim, group)
+
+
+def scatter_to_tp(x, group, dim=-1):
+    return x if group_size(group) == 1 else _ScatterToTP.apply(x, dim, group)
+
+
+def gather_from_sp(x, group, dim=1):
+    return x if group_size(group) == 1 else _GatherFromSP.apply(x, dim, group)
+
+
+def reduce_scatter_to_sp(x, group, dim=1):
+    return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, dim, group)
+
+
+# ---------------------------------------------------------------- layers
+
+def _init_weight(w: torch.Tensor, std: float) -> None:
+    nn.init.normal_(w, mean=0.0, std=std)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows over the TP group: each rank holds [out/tp, in].
+
+    gather_output=True returns the full [.., out]; otherwise each rank keeps its [.., out/tp].
+    With sequence_parallel the input arrives split along the sequence and is all-gathered.
+    """
+
+    def __init__(self, in_features, out_features, *, tp_group=None, gather_output=False,
+                 sequence_parallel=False, std=0.02):
+        super().__init__()
+        tp = group_size(tp_group)
+        if out_features % tp:
+            raise ValueError(f"ColumnParallelLinear: out_features {out_features} not divisible by tp {tp}")
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_group, self.gather_output, self.sequence_parallel = tp_group, gather_output, sequence_parallel
+        self.weight = nn.Parameter(torch.empty(out_features // tp, in_features))
+        _init_weight(self.weight, std)
+
+    def forward(self, x):
+        if self.sequence_parallel:
+            x = gather_from_sp(x, self.tp_group, dim=1)
+        else:
+            x = copy_to_tp(x, self.tp_group)
+        y = F.linear(x, self.weight)
+        return gather_from_tp(y, self.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns: each rank holds [out, in/tp] and its x slice.
+
+    The partial products are all-reduced (or reduce-scattered along the sequence under SP).
+    """
+
+    def __init__(self, in_features, out_features, *, tp_group=None, input_is_parallel=True,
+                 sequence_parallel=False, std=0.02):
+        super().__init__()
+        tp = group_size(tp_group)
+        if in_features % tp:
+            raise ValueError(f"RowParallelLinear: in_features {in_features} not divisible by tp {tp}")
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_group, self.input_is_parallel, self.sequence_parallel = tp_group, input_is_parallel, sequence_parallel
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp))
+        _init_weight(self.weight, std)
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.tp_group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(y, self.tp_group, dim=1)
+        return reduce_from_tp(y, self.tp_group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over the TP group; out-of-shard ids contribute zero."""
+
+    def __init__(self, num_embeddings, dim, *, tp_group=None, sequence_parallel=False, std=0.02):
+        super().__init__()
+        tp, r = group_size(tp_group), group_rank(tp_group)
+        if num_embeddings % tp:
+            raise ValueError(f"VocabParallelEmbedding: vocab {num_embeddings} not divisible by tp {tp}")
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.per_rank = num_embeddings // tp
+        self.start = r * self.per_rank
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
+        _init_weight(self.weight, std)
+
+    def forward(self, ids):
+        if group_size(self.tp_group) == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(out, self.tp_group, dim=1)
+        return reduce_from_tp(out, self.tp_group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross entropy over vocab-sharded logits [N, V/tp] without gathering the full vocabulary."""
+
+    @staticmethod
+    def forward(ctx, logits, target, start, group, ignore_index):
+        logits = logits.float()
+        lmax = logits.max(dim=-1).values
+        dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - lmax.unsqueeze(-1)
+        local = target - start
+        valid = target != ignore_index
+        inside = (local >= 0) & (local < logits.shape[-1]) & valid
+        idx = local.clamp(0, logits.shape[-1] - 1)
+        picked = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * inside
+        exp = shifted.exp()
+        sumexp = exp.sum(-1)
+        both = torch.stack([picked, sumexp])
+        dist.all_reduce(both, group=group)
+        picked, sumexp = both[0], both[1]
+        loss = (sumexp.log() - picked) * valid
+        ctx.save_for_backward(exp / sumexp.unsqueeze(-1), idx, inside, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, idx, inside, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, idx.unsqueeze(-1), -inside.float().unsqueeze(-1))
+        grad = grad * (g * valid).unsqueeze(-1)
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, target, *, tp_group=None, vocab_start=0, ignore_index=-100):
+    """Per-token loss [N] from logits [N, V/tp] (this rank's vocab shard starting at vocab_start)."""
+    if group_size(tp_group) == 1:
+        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    return _VocabParallelCE.apply(logits, target, vocab_start, tp_group, ignore_index)
+
+
+def scaled_init_std(base: float, num_layers: int) -> float:
+    """Megatron's output-layer init: std / sqrt(2 * num_layers)."""
+    return base / math.sqrt(2.0 * num_layers)
