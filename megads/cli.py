@@ -1,0 +1,154 @@
+"""`megads <command>` (and `python -m megads <command>`).
+
+User errors (MegadsError: config, data, checkpoint, sizes) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from megads.errors import MegadsError
+
+log = logging.getLogger("megads")
+
+
+def _cmd_model_info(args) -> int:
+    from megads.config import load_config
+    from megads.model.info import format_info, model_info
+
+    cfg = load_config(args.config, args.set)
+    info = model_info(cfg.model, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(str(args.config), info))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from megads.model.io import load_model
+
+    if not os.path.isdir(args.checkpoint):
+        raise MegadsError(f"--checkpoint {args.checkpoint}: not a directory")
+    if os.path.exists(os.path.join(args.checkpoint, "config.json")):
+        from megads import hf
+
+        model = hf.load(args.checkpoint)
+    else:
+        model = load_model(args.checkpoint)
+    from megads.data.tokenizer import load_tokenizer
+
+    tok_path = args.tokenizer or args.checkpoint
+    tok = load_tokenizer(tok_path)
+    prompts = args.prompt or [""]
+    ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
+    S = max(len(x) for x in ids)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    batch = torch.full((len(ids), S), pad, dtype=torch.long)
+    mask = torch.zeros(len(ids), S, dtype=torch.bool)
+    for i, x in enumerate(ids):
+        batch[i, S - len(x):] = torch.tensor(x)
+        mask[i, S - len(x):] = True
+    gen = torch.Generator().manual_seed(args.seed)
+    out = model.generate(batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
+                         attention_mask=mask, pad_token_id=pad, generator=gen)
+    for i, p in enumerate(prompts):
+        new = [t for t in out[i, S:].tolist() if t != pad]
+        print(f"--- prompt {i}: {p!r}\n{p}{tok.decode(new)}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from megads.train.trainer import run_training
+
+    return run_training(args.config, args.set, resume=args.resume)
+
+
+def _cmd_prepare(args) -> int:
+    from megads.config import load_config
+    from megads.data import prepare_builtin
+
+    cfg = load_config(args.config, args.set)
+    prefix, tok = prepare_builtin(cfg.data)
+    print(f"dataset {prefix}\ntokenizer {tok}")
+    return 0
+
+
+def _cmd_launch(args) -> int:
+    from megads.train.launch import launch_local
+
+    return launch_local(args.config, args.set, nproc=args.nproc, launcher=args.launcher)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megads", description="DeepSeek-style LLM training")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp, required=True):
+        sp.add_argument("config", help="run YAML, model preset name (tiny, small, deepseek-v3, …) or preset YAML")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config field (repeatable)")
+
+    sp = sub.add_parser("model-info", help="parameters, FLOPs per token and KV-cache bytes of a config")
+    with_config(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs")
+    sp.set_defaults(func=_cmd_model_info)
+
+    sp = sub.add_parser("train", help="pre-train (single process, deepspeed, torchrun or mpiexec)")
+    with_config(sp)
+    sp.add_argument("--resume", default="auto",
+                    help="checkpoint dir to resume from; 'auto' = latest in train.output_dir; 'none' = fresh")
+    sp.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    sp.set_defaults(func=_cmd_train)
+
+    sp = sub.add_parser("launch", help="start N local ranks of `megads train` with the DeepSpeed launcher")
+    with_config(sp)
+    sp.add_argument("--nproc", type=int, default=2)
+    sp.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "torchrun", "mpiexec", "python"])
+    sp.set_defaults(func=_cmd_launch)
+
+    sp = sub.add_parser("prepare-data", help="build the builtin corpus, tokenizer and dataset of a config")
+    with_config(sp)
+    sp.set_defaults(func=_cmd_prepare)
+
+    sp = sub.add_parser("generate", help="sample from a megads or HF checkpoint")
+    sp.add_argument("--checkpoint", required=True, help="megads model dir (config.yaml + model.safetensors) or HF dir")
+    sp.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the checkpoint dir)")
+    sp.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=_cmd_generate)
+
+    for mod in ("megads.hf", "megads.data.cli"):
+        try:
+            __import__(mod, fromlist=["add_subcommands"]).add_subcommands(sub)
+        except (ImportError, AttributeError) as e:  # optional pieces still being built
+            log.debug("%s: %s", mod, e)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MEGADS_LOG", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MegadsError as e:
+        print(f"megads: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("megads: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""AdamW with a non-finite-gradient guard, and the warmup + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megads.config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; no decay for norms, biases and other 1-D tensors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips the whole update when any gradient on any rank is NaN/inf.
+
+    DeepSpeed (ZeRO 0-2) calls step() on every rank at the same boundary with the reduced
+    gradients, so the finiteness flag is agreed by an all-reduce. `last_step_skipped` tells the
+    trainer to count the bad step and leave the schedule and MoE biases alone.
+    """
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self.last_step_skipped = False
+        self.group = None  # set by the trainer: the ranks to agree with (None = world)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        bad = torch.zeros(1)
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.fill_(1.0)
+                    break
+        if dist.is_initialized():
+            bad = bad.to(next(iter(self.param_groups[0]["params"])).device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_step_skipped = bool(bad.item() > 0)
+        if self.last_step_skipped:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        kw["fused"] = True
+    return GuardedAdamW(groups, **kw)

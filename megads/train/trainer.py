@@ -1,0 +1,331 @@
+"""The pre-training loop. The trainer alone steps the optimizer; DeepSpeed owns data parallelism,
+ZeRO, mixed precision, gradient accumulation and clipping.
+
+Per optimizer step: `gas` micro-batches forward/backward through the DeepSpeed engine, the
+optimizer step (skipped on every rank when any gradient is non-finite), then the MoE
+auxiliary-loss-free bias update from the step's token counts reduced over every rank that routed
+distinct tokens. Data position is arithmetic (step x global batch), so resuming needs no loader
+state and reproduces the uninterrupted run's losses exactly (fp32, same layout).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megads.config import Config, load_config
+from megads.errors import ConfigError, MegadsError
+from megads.model import Transformer
+from megads.model.info import flops_per_token
+from megads.parallel import state as pstate
+from megads.train import checkpoint as ckpt
+from megads.train.metrics import Metrics, measure_peak_flops
+from megads.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_STEPS = 3
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict:
+    """The DeepSpeed JSON generated from the YAML (or the user's own, with our batch facts)."""
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
+                          f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if t.deepspeed_config:
+        try:
+            user = json.loads(Path(t.deepspeed_config).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{t.deepspeed_config}:{e.lineno}: invalid JSON ({e.msg})") from None
+        for k in ("optimizer", "scheduler"):
+            if k in user:
+                raise ConfigError(f"{t.deepspeed_config}: key {k!r} is not supported: megads builds the "
+                                  f"optimizer and schedule from the train section")
+        ds.update(user)
+        mb, gb = ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]
+        if gb != mb * ds["gradient_accumulation_steps"] * dp:
+            raise ConfigError(f"{t.deepspeed_config}: train_batch_size {gb} != micro {mb} x accumulation "
+                              f"{ds['gradient_accumulation_steps']} x data-parallel {dp}")
+        t.micro_batch_size, t.global_batch_size = mb, gb
+    return ds
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "auto"):
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        p = cfg.parallel
+        self.ps = pstate.initialize(p.tp, p.pp, p.ep)
+        if p.pp > 1:
+            raise ConfigError("parallel.pp: pipeline parallelism is not implemented yet; use pp: 1")
+        self.dp = self.ps.layout.dp
+        self.dp_rank = self.ps.dp_rank
+        self.ds_config = deepspeed_config(cfg, self.dp)
+        self.gas = self.ds_config["gradient_accumulation_steps"]
+        t = cfg.train
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+        # data: one process builds the builtin corpus/tokenizer, the others wait
+        from megads.data import build_datasets, prepare_builtin
+
+        if cfg.data.builtin_corpus:
+            if self.rank == 0:
+                prepare_builtin(cfg.data)
+            self._barrier()
+        if not cfg.data.paths and not cfg.data.builtin_corpus:
+            raise ConfigError("data.paths: no training data (give indexed-dataset prefixes or data.builtin_corpus: true)")
+        evals = t.max_steps // t.eval_interval + 1
+        self.train_ds, self.valid_ds, self.tokenizer = build_datasets(
+            cfg.data, t.seq_len, t.seed, t.max_steps * t.global_batch_size,
+            max(1, t.eval_iters * t.micro_batch_size * self.dp * evals))
+        if self.tokenizer is not None and self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({self.tokenizer.vocab_size})")
+
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        self.model = Transformer(cfg.model, par=self._model_par()).to(self.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.optimizer = build_optimizer(self.model, t)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=self.ds_config,
+            mpu=pstate.MPU(self.ps) if p.tp > 1 else None, dist_init_required=False)
+
+        self.step = 0
+        self.bad_total = 0
+        resume_path = self._resume_path(resume)
+        if resume_path is not None:
+            st = ckpt.load_checkpoint(self.engine, resume_path)
+            self.step, self.bad_total = st["step"], st.get("bad_steps_total", 0)
+        self.metrics = Metrics(t.output_dir, self.rank == 0, t.tensorboard, t.progress, t.max_steps, self.step)
+        if resume_path is not None:
+            self.metrics.write(f"resumed from {resume_path} at step {self.step}")
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.peak = measure_peak_flops() if self.rank == 0 else 1.0
+        self.fault_nan = {int(s) for s in os.environ.get("MEGADS_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+        self.fault_kill_save = int(os.environ.get("MEGADS_FAULT_KILL_IN_SAVE", "-1"))
+
+    # ------------------------------------------------------------------ setup helpers
+    def _model_par(self) -> dict:
+        from megads.parallel import build_model_par
+
+        return build_model_par(self.cfg, self.ps)
+
+    def _barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _resume_path(self, resume: str) -> Path | None:
+        if resume in (None, "", "none"):
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.cfg.train.output_dir)
+        p = Path(resume)
+        if not p.is_dir():
+            raise MegadsError(f"--resume {resume}: no such checkpoint directory")
+        return p
+
+    # ------------------------------------------------------------------ data
+    def _batch(self, ds, step: int, micro: int, per_step: int):
+        """This rank's micro-batch: samples [step*per_step + (micro*dp + dp_rank)*mb, +mb)."""
+        mb = self.cfg.train.micro_batch_size
+        start = step * per_step + (micro * self.dp + self.dp_rank) * mb
+        rows = [ds[(start + j) % len(ds)]["tokens"] for j in range(mb)]
+        t = torch.from_numpy(np.stack(rows).astype(np.int64)).to(self.device)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    # ------------------------------------------------------------------ reductions
+    def _mean_over_dp(self, values: list[float]) -> list[float]:
+        x = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.dp > 1:
+            dist.all_reduce(x, group=self.ps.group("dp"))
+            x /= self.dp
+        return x.tolist()
+
+    def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Sum the step's expert counts over every rank that routed distinct tokens."""
+        group = self.ps.group("router")
+        if dist.is_initialized() and group is not None:
+            dist.all_reduce(counts, group=group)
+        return counts
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = t.global_batch_size * t.seq_len
+        consecutive_bad = 0
+        last_saved = None
+        self.engine.train()
+        while self.step < t.max_steps:
+            step = self.step
+            lr = lr_at(step, t)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            sums = np.zeros(4)
+            counts = None
+            for m in range(self.gas):
+                x, y = self._batch(self.train_ds, step, m, t.global_batch_size)
+                out = self.engine(x, y)
+                loss = out.loss
+                if step in self.fault_nan:
+                    loss = loss * float("nan")
+                self.engine.backward(loss)
+                c = self.model.expert_counts()
+                if c is not None:
+                    counts = c if counts is None else counts + c
+                self.engine.step()
+                sums += [float(loss.detach()), float(out.lm_loss), float(out.mtp_loss), float(out.aux_loss)]
+            skipped = self.optimizer.last_step_skipped
+            loss, lm_loss, mtp_loss, aux_loss = self._mean_over_dp(list(sums / self.gas))
+            dt = time.perf_counter() - t0
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            rec = {"step": step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "balance_loss": aux_loss,
+                   "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+                   "mfu": self.flops_per_token * tokens_per_step / dt / (self.peak * self.world),
+                   "step_time_s": dt, "skipped": int(skipped), "bad_steps_total": self.bad_total + int(skipped)}
+            if skipped:
+                self.bad_total += 1
+                consecutive_bad += 1
+                self.metrics.write(f"step {step + 1}: non-finite loss/gradient, update skipped "
+                                   f"({consecutive_bad} in a row, {self.bad_total} in all)")
+            else:
+                consecutive_bad = 0
+                if counts is not None:
+                    counts = self._global_counts(counts)
+                    self.model.update_router_biases(counts)
+                    rec.update(self._expert_stats(counts))
+            self.step += 1
+            self.metrics.log_step(rec)
+            if consecutive_bad >= t.max_bad_steps:
+                path = self._save()
+                self.metrics.write(f"stopping: {consecutive_bad} consecutive bad steps (train.max_bad_steps = "
+                                   f"{t.max_bad_steps}); the last good state is saved in {path}")
+                self.metrics.close()
+                return EXIT_BAD_STEPS
+            if counts is not None and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
+                self.metrics.log_expert_heatmap(self.step, counts.cpu().numpy())
+            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                self.metrics.log_eval(self.step, self.evaluate())
+            if self.step % t.save_interval == 0 or self.step == t.max_steps:
+                last_saved = self._save()
+        if last_saved is None:
+            self._save()
+        self._finish()
+        return 0
+
+    def _expert_stats(self, counts: torch.Tensor) -> dict:
+        c = counts.float()
+        rel = c.max(dim=1).values / c.mean(dim=1).clamp_min(1e-9)  # per-layer max/mean load
+        out = {"expert_load_max_over_mean": float(rel.max())}
+        for i, v in enumerate(rel.tolist()):
+            out[f"expert_load/layer{i}_max_over_mean"] = v
+        biases = [m.gate.bias for m in self.model.moe_layers() if m.gate.bias is not None]
+        if biases:
+            out["router_bias_norm"] = float(torch.stack(biases).norm())
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.train
+        self.engine.eval()
+        per = t.eval_iters * t.micro_batch_size * self.dp
+        total = 0.0
+        slot = (self.step // t.eval_interval) % max(1, len(self.valid_ds) // max(1, per))
+        for i in range(t.eval_iters):
+            x, y = self._batch(self.valid_ds, slot, i, per)
+            total += float(self.engine(x, y).lm_loss)
+        self.engine.train()
+        return self._mean_over_dp([total / max(1, t.eval_iters)])[0]
+
+    def _save(self) -> Path:
+        state = {"step": self.step, "bad_steps_total": self.bad_total,
+                 "consumed_samples": self.step * self.cfg.train.global_batch_size,
+                 "layout": vars(self.ps.layout), "config": self.cfg.to_dict()}
+        if self.fault_kill_save == self.step:
+            # test hook: die half-way through writing this checkpoint
+            self.engine.save_checkpoint(str(ckpt.checkpoint_root(self.cfg.train.output_dir)),
+                                        tag=f".tmp-step-{self.step}", save_latest=False)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return ckpt.save_checkpoint(self.engine, self.cfg.train.output_dir, self.step, state, self.cfg.train.keep_last)
+
+    def _finish(self) -> None:
+        """Write the final model in megads format and print a few generated samples (rank 0)."""
+        t = self.cfg.train
+        if self.rank == 0 and self.ps.layout.tp == 1 and self.ps.layout.ep == 1:
+            from megads.model.io import save_model
+
+            final = Path(t.output_dir) / "final"
+            save_model(self.model, final)
+            tok_dir = getattr(self.tokenizer, "path", None)
+            if tok_dir:
+                for f in Path(tok_dir).glob("tokenizer*.json"):
+                    shutil.copy(f, final / f.name)
+            self.metrics.write(f"final model: {final}")
+            if t.samples_at_end and self.tokenizer is not None:
+                self._print_samples()
+        self._barrier()
+        self.metrics.close()
+
+    def _print_samples(self) -> None:
+        t = self.cfg.train
+        tok = self.tokenizer
+        prompts = ["def ", "import os\n", "class ", "    return ", "# "][: t.samples_at_end]
+        ids = [tok.encode(p) for p in prompts]
+        S = max(len(i) for i in ids)
+        pad = tok.pad_id if tok.pad_id is not None else 0
+        batch = torch.full((len(ids), S), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(batch, dtype=torch.bool)
+        for r, i in enumerate(ids):
+            batch[r, S - len(i):] = torch.tensor(i)
+            mask[r, S - len(i):] = True
+        gen = torch.Generator(device=self.device).manual_seed(t.seed)
+        out = self.model.generate(batch, max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95,
+                                  attention_mask=mask, pad_token_id=pad,
+                                  stop_tokens=[tok.eos_id] if tok.eos_id is not None else [], generator=gen)
+        self.metrics.write("samples:")
+        for r, p in enumerate(prompts):
+            text = tok.decode([x for x in out[r, S:].tolist() if x != pad])
+            self.metrics.write(f"--- {p!r}\n{p}{text}")
+
+
+def run_training(config_path, overrides, resume: str = "auto") -> int:
+    cfg = load_config(config_path, overrides)
+    pstate.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
