@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from megads import ops
 from megads.config import ModelConfig
-from megads.parallel.tensor import ColumnParallelLinear, RowParallelLinear, scaled_init_std
+from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, gather_from_tp, group_rank, group_size,
+                                    scaled_init_std, scatter_to_tp)
 
 
 class MLP(nn.Module):
@@ -82,9 +83,11 @@ class LocalDispatcher:
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, dispatcher=None,
-                 num_local_experts: int | None = None):
+                 num_local_experts: int | None = None, token_split: bool = False):
         super().__init__()
         self.cfg = cfg
+        # under TP+EP (no SP) the TP ranks hold the same tokens: each dispatches its 1/tp share
+        self.split_group = tp_group if token_split else None
         self.gate = Gate(cfg)
         self.experts = Experts(num_local_experts or cfg.n_routed_experts, cfg.hidden_size,
                                cfg.moe_intermediate_size, cfg)
@@ -105,7 +108,16 @@ class MoE(nn.Module):
             scores = ops.router_scores(logits, self.cfg.score_func)
             aux = self.cfg.seq_aux_alpha * ops.sequence_balance_loss(
                 scores, indices, B, self.cfg.n_routed_experts, self.cfg.num_experts_per_tok)
-        y = self.dispatcher(flat, weights, indices, self.experts).view(B, S, D)
+        if self.split_group is not None:
+            n, r = group_size(self.split_group), group_rank(self.split_group)
+            if flat.shape[0] % n:
+                raise ValueError(f"MoE token split: {flat.shape[0]} tokens not divisible by tp={n}")
+            mine = self.dispatcher(scatter_to_tp(flat, self.split_group, dim=0),
+                                   scatter_to_tp(weights, self.split_group, dim=0),
+                                   indices.chunk(n, dim=0)[r], self.experts)
+            y = gather_from_tp(mine, self.split_group, dim=0).view(B, S, D)
+        else:
+            y = self.dispatcher(flat, weights, indices, self.experts).view(B, S, D)
         if self.shared is not None:
             y = y + self.shared(x)
         return y, aux

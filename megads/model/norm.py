@@ -22,5 +22,6 @@ class RMSNorm(nn.Module):
             from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # type: ignore
 
             return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
-        # normalise in float32 like the reference implementations, then cast back
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        # normalise in (at least) float32 like the reference implementations, then cast back
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dt), (x.shape[-1],), self.weight.to(dt), self.eps).to(x.dtype)

@@ -50,12 +50,9 @@ class RotaryEmbedding(nn.Module):
         if yarn:
             inv = yarn_inv_freq(dim, cfg.rope_theta, cfg.rope_factor, cfg.original_max_seq_len,
                                 cfg.beta_fast, cfg.beta_slow)
-            # cos/sin scale (HF convention): ratio of the two mscales, or the plain YaRN mscale
-            if cfg.mscale and cfg.mscale_all_dim:
-                self.attention_factor = yarn_get_mscale(cfg.rope_factor, cfg.mscale) / yarn_get_mscale(
-                    cfg.rope_factor, cfg.mscale_all_dim)
-            else:
-                self.attention_factor = yarn_get_mscale(cfg.rope_factor)
+            # cos/sin scale (HF convention): the ratio of the two mscales (mscale 0 gives 1)
+            self.attention_factor = yarn_get_mscale(cfg.rope_factor, cfg.mscale) / yarn_get_mscale(
+                cfg.rope_factor, cfg.mscale_all_dim)
         else:
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             self.attention_factor = 1.0

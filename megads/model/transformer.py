@@ -38,7 +38,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if moe:
             self.ffn = MoE(cfg, par.get("tp_group"), sp, dispatcher=par.get("dispatcher"),
-                           num_local_experts=par.get("num_local_experts"))
+                           num_local_experts=par.get("num_local_experts"),
+                           token_split=par.get("moe_token_split", False))
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, par.get("tp_group"), sp)
         self.is_moe = moe
@@ -154,6 +155,7 @@ class Transformer(nn.Module):
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
+        naive = naive or bool(cache is not None and cache.naive)
         if positions is None:
             positions = torch.arange(start, start + S, device=tokens.device)
         h = self._embed(tokens)

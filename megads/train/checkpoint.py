@@ -63,8 +63,12 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, keep_last: int,
+                    rank_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory.
+
+    rank_state: tensors only this rank holds and DeepSpeed does not save per rank (routed-expert
+    shards under expert parallelism), written beside the RNG state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = checkpoint_root(output_dir)
     tmp = root / f".tmp-step-{step}"
@@ -76,7 +80,7 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
         tmp.mkdir()
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    torch.save({"rng": rng_state(), "rank_state": rank_state or {}}, tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -94,8 +98,9 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
     return final
 
 
-def load_checkpoint(engine, path: Path) -> dict:
-    """Restore engine (model, optimizer, ZeRO state) and this rank's RNG; return trainer state."""
+def load_checkpoint(engine, path: Path, rank_state: dict | None = None) -> dict:
+    """Restore engine (model, optimizer, ZeRO state), this rank's RNG and its rank_state tensors
+    (copied in place into the given dict's tensors); return the trainer state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not (path / "COMPLETE").is_file():
         raise CheckpointError(f"{path}: not a complete megads checkpoint (no COMPLETE marker)")
@@ -107,9 +112,16 @@ def load_checkpoint(engine, path: Path) -> dict:
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint files")
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    rank_file = path / f"rank{rank}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(f"{rank_file}: missing (was the checkpoint written with another number of ranks?)")
+    saved = torch.load(rank_file, weights_only=False)
+    set_rng_state(saved["rng"])
+    for name, t in (rank_state or {}).items():
+        if name not in saved["rank_state"]:
+            raise CheckpointError(f"{rank_file}: no tensor {name!r} (different parallel layout?)")
+        with torch.no_grad():
+            t.copy_(saved["rank_state"][name])
     return state
 
 

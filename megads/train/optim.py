@@ -60,8 +60,11 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, group_fn=None) -> torch.optim.Optimizer:
+    """group_fn: optional transform of the param groups (expert groups for ZeRO under EP)."""
     groups = param_groups(model, cfg.weight_decay)
+    if group_fn is not None:
+        groups = group_fn(groups)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         kw["fused"] = True

@@ -72,7 +72,8 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto"):
+    def __init__(self, cfg: Config, resume: str = "auto", datasets=None):
+        """datasets: optional (train, valid, tokenizer) to use instead of cfg.data (tests)."""
         import deepspeed
 
         self.cfg = cfg
@@ -92,37 +93,33 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
-        # data: one process builds the builtin corpus/tokenizer, the others wait
-        from megads.data import build_datasets, prepare_builtin
-
-        if cfg.data.builtin_corpus:
-            if self.rank == 0:
-                prepare_builtin(cfg.data)
-            self._barrier()
-        if not cfg.data.paths and not cfg.data.builtin_corpus:
-            raise ConfigError("data.paths: no training data (give indexed-dataset prefixes or data.builtin_corpus: true)")
-        evals = t.max_steps // t.eval_interval + 1
-        self.train_ds, self.valid_ds, self.tokenizer = build_datasets(
-            cfg.data, t.seq_len, t.seed, t.max_steps * t.global_batch_size,
-            max(1, t.eval_iters * t.micro_batch_size * self.dp * evals))
+        if datasets is not None:
+            self.train_ds, self.valid_ds, self.tokenizer = datasets
+        else:
+            self.train_ds, self.valid_ds, self.tokenizer = self._datasets()
         if self.tokenizer is not None and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size})")
 
-        torch.manual_seed(t.seed)
-        np.random.seed(t.seed)
-        self.model = Transformer(cfg.model, par=self._model_par()).to(self.device)
+        self.model = self._build_model().to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        self.optimizer = build_optimizer(self.model, t)
+        group_fn = None
+        if p.ep > 1 and cfg.model.n_routed_experts:
+            from megads.parallel.expert import expert_param_groups, mark_expert_params
+
+            name = mark_expert_params(self.model, self.ps)
+            group_fn = lambda groups: expert_param_groups(groups, name)  # noqa: E731
+        self.optimizer = build_optimizer(self.model, t, group_fn)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config,
             mpu=pstate.MPU(self.ps) if p.tp > 1 else None, dist_init_required=False)
 
         self.step = 0
         self.bad_total = 0
+        self.history: list[dict] = []  # every step's record (all ranks), for tests and tools
         resume_path = self._resume_path(resume)
         if resume_path is not None:
-            st = ckpt.load_checkpoint(self.engine, resume_path)
+            st = ckpt.load_checkpoint(self.engine, resume_path, self._rank_state())
             self.step, self.bad_total = st["step"], st.get("bad_steps_total", 0)
         self.metrics = Metrics(t.output_dir, self.rank == 0, t.tensorboard, t.progress, t.max_steps, self.step)
         if resume_path is not None:
@@ -133,10 +130,41 @@ class Trainer:
         self.fault_kill_save = int(os.environ.get("MEGADS_FAULT_KILL_IN_SAVE", "-1"))
 
     # ------------------------------------------------------------------ setup helpers
-    def _model_par(self) -> dict:
-        from megads.parallel import build_model_par
+    def _datasets(self):
+        """One process builds the builtin corpus/tokenizer while the others wait."""
+        from megads.data import build_datasets, prepare_builtin
 
-        return build_model_par(self.cfg, self.ps)
+        cfg, t = self.cfg, self.cfg.train
+        if cfg.data.builtin_corpus:
+            if self.rank == 0:
+                prepare_builtin(cfg.data)
+            self._barrier()
+        if not cfg.data.paths and not cfg.data.builtin_corpus:
+            raise ConfigError("data.paths: no training data (give indexed-dataset prefixes or data.builtin_corpus: true)")
+        evals = t.max_steps // t.eval_interval + 1
+        return build_datasets(cfg.data, t.seq_len, t.seed, t.max_steps * t.global_batch_size,
+                              max(1, t.eval_iters * t.micro_batch_size * self.dp * evals))
+
+    def _build_model(self) -> Transformer:
+        """Every layout starts from the single-process initialisation of the same seed: the full
+        model is built, then each rank keeps its TP/EP shards."""
+        from megads.parallel import build_model_par
+        from megads.parallel.shard import load_full_state
+
+        torch.manual_seed(self.cfg.train.seed)
+        np.random.seed(self.cfg.train.seed)
+        full = Transformer(self.cfg.model)
+        if self.ps.layout.tp == 1 and self.ps.layout.ep == 1:
+            return full
+        model = Transformer(self.cfg.model, par=build_model_par(self.cfg, self.ps))
+        load_full_state(model, full.state_dict(), self.ps)
+        return model
+
+    def full_state(self) -> dict:
+        """Collective: the full (unsharded) model state on every rank."""
+        from megads.parallel.shard import gather_full_state
+
+        return gather_full_state(self.model, self.ps)
 
     def _barrier(self):
         if dist.is_initialized():
@@ -171,9 +199,12 @@ class Trainer:
 
     def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Sum the step's expert counts over every rank that routed distinct tokens."""
-        group = self.ps.group("router")
-        if dist.is_initialized() and group is not None:
-            dist.all_reduce(counts, group=group)
+        if not dist.is_initialized():
+            return counts
+        if self.ps.group("router") is not None:
+            dist.all_reduce(counts, group=self.ps.group("router"))
+        if self.model.sequence_parallel:  # TP ranks routed different sequence chunks
+            dist.all_reduce(counts, group=self.ps.group("tp"))
         return counts
 
     # ------------------------------------------------------------------ loop
@@ -212,6 +243,7 @@ class Trainer:
                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                    "mfu": self.flops_per_token * tokens_per_step / dt / (self.peak * self.world),
                    "step_time_s": dt, "skipped": int(skipped), "bad_steps_total": self.bad_total + int(skipped)}
+            rec.update(self._dispatch_stats())
             if skipped:
                 self.bad_total += 1
                 consecutive_bad += 1
@@ -224,6 +256,7 @@ class Trainer:
                     self.model.update_router_biases(counts)
                     rec.update(self._expert_stats(counts))
             self.step += 1
+            self.history.append(rec)
             self.metrics.log_step(rec)
             if consecutive_bad >= t.max_bad_steps:
                 path = self._save()
@@ -241,6 +274,17 @@ class Trainer:
             self._save()
         self._finish()
         return 0
+
+    def _dispatch_stats(self) -> dict:
+        """All-to-all bytes per token (crossing ranks, crossing nodes) of this step's MoE layers."""
+        d = self.model.par.get("dispatcher")
+        if d is None:
+            return {}
+        st = d.stats
+        d.reset_stats()
+        tokens = max(1, st["tokens"] // max(1, len(self.model.moe_layers())))
+        return {"a2a_bytes_per_token": st["bytes_sent_remote"] / tokens,
+                "a2a_internode_bytes_per_token": st["bytes_sent_internode"] / tokens}
 
     def _expert_stats(self, counts: torch.Tensor) -> dict:
         c = counts.float()
@@ -275,27 +319,40 @@ class Trainer:
             self.engine.save_checkpoint(str(ckpt.checkpoint_root(self.cfg.train.output_dir)),
                                         tag=f".tmp-step-{self.step}", save_latest=False)
             os.kill(os.getpid(), signal.SIGKILL)
-        return ckpt.save_checkpoint(self.engine, self.cfg.train.output_dir, self.step, state, self.cfg.train.keep_last)
+        return ckpt.save_checkpoint(self.engine, self.cfg.train.output_dir, self.step, state, self.cfg.train.keep_last,
+                                    self._rank_state())
+
+    def _rank_state(self) -> dict:
+        """Routed-expert shards under EP (DeepSpeed's model file holds only rank 0's)."""
+        if self.ps.layout.ep == 1:
+            return {}
+        return {f"{i}.{n}": p for i, m in enumerate(self.model.moe_layers()) for n, p in m.experts.named_parameters()}
 
     def _finish(self) -> None:
         """Write the final model in megads format and print a few generated samples (rank 0)."""
         t = self.cfg.train
-        if self.rank == 0 and self.ps.layout.tp == 1 and self.ps.layout.ep == 1:
+        sharded = self.ps.layout.tp > 1 or self.ps.layout.ep > 1
+        full = self.full_state() if sharded else None
+        if self.rank == 0:
             from megads.model.io import save_model
 
+            model = self.model
+            if sharded:
+                model = Transformer(self.cfg.model)
+                model.load_state_dict(full)
             final = Path(t.output_dir) / "final"
-            save_model(self.model, final)
+            save_model(model, final)
             tok_dir = getattr(self.tokenizer, "path", None)
             if tok_dir:
                 for f in Path(tok_dir).glob("tokenizer*.json"):
                     shutil.copy(f, final / f.name)
             self.metrics.write(f"final model: {final}")
             if t.samples_at_end and self.tokenizer is not None:
-                self._print_samples()
+                self._print_samples(model)
         self._barrier()
         self.metrics.close()
 
-    def _print_samples(self) -> None:
+    def _print_samples(self, model) -> None:
         t = self.cfg.train
         tok = self.tokenizer
         prompts = ["def ", "import os\n", "class ", "    return ", "# "][: t.samples_at_end]
@@ -308,7 +365,7 @@ class Trainer:
             batch[r, S - len(i):] = torch.tensor(i)
             mask[r, S - len(i):] = True
         gen = torch.Generator(device=self.device).manual_seed(t.seed)
-        out = self.model.generate(batch, max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95,
+        out = model.generate(batch, max_new_tokens=t.sample_tokens, temperature=0.8, top_p=0.95,
                                   attention_mask=mask, pad_token_id=pad,
                                   stop_tokens=[tok.eos_id] if tok.eos_id is not None else [], generator=gen)
         self.metrics.write("samples:")

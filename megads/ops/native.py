@@ -1,0 +1,179 @@
+"""Native MoE routing and token-dispatch ops: the csrc/ kernels as torch custom ops.
+
+`load()` imports the compiled library `megads._C`, whose C++ side defines the ops
+`torch.ops.megads.{route, permute, unpermute}` and their backward ops, with CPU kernels and, where
+built, CUDA kernels. This module adds what torch needs around them: autograd formulas
+(`register_autograd`) and fake kernels (`register_fake`) so that torch.compile can trace them.
+
+`route`, `permute` and `unpermute` below have exactly the signatures and results of
+megads.ops.reference. One documented difference: float64 logits are routed in float64 (and give
+float64 weights), so that torch.autograd.gradcheck applies to the op; the reference computes in
+float32 for every input dtype. Inputs on a device the library has no kernels for (CUDA tensors
+with a CPU-only build) go to the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megads.ops import reference
+
+_loaded = False
+_kernels: dict[str, bool] = {}  # device type -> the library has kernels for it (set by load())
+
+
+@dataclass
+class NativePermuteState:
+    """What unpermute needs: the row of every (token, slot) and the inverse map."""
+
+    order: torch.Tensor  # [T*k] int64: flat (token, slot) position of each sorted row
+    inv: torch.Tensor  # [T*k] int64: sorted row of each flat (token, slot) position
+    num_tokens: int
+    top_k: int
+
+    @property
+    def token_of(self) -> torch.Tensor:
+        """[T*k] int64: source token of each sorted row (as reference.PermuteState)."""
+        return torch.div(self.order, self.top_k, rounding_mode="floor")
+
+
+def load() -> None:
+    """Import megads._C and register autograd and fake kernels; raises if the library is missing."""
+    global _loaded
+    if _loaded:
+        return
+    import megads._C  # noqa: F401  - registers torch.ops.megads.* (C++ TORCH_LIBRARY)
+
+    _register()
+    for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        _kernels[dev] = torch._C._dispatch_has_kernel_for_dispatch_key("megads::route", key)
+    _loaded = True
+
+
+def has_kernels(device: torch.device | str) -> bool:
+    """Whether the loaded library has kernels for tensors on `device` ('cpu', 'cuda')."""
+    return _kernels.get(torch.device(device).type, False)
+
+
+# ----------------------------------------------------------------------------------- public API
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: int, n_group: int = 1, topk_group: int = 1,
+          score_func: str = "sigmoid", route_scale: float = 1.0, norm_topk_prob: bool = True):
+    """Fused router: see megads.ops.reference.route. -> (weights [T, k], indices [T, k], counts [E])."""
+    if not _kernels.get(logits.device.type, False):
+        return reference.route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                               score_func=score_func, route_scale=route_scale, norm_topk_prob=norm_topk_prob)
+    return torch.ops.megads.route(logits, bias, top_k, n_group, topk_group, score_func, float(route_scale),
+                                  bool(norm_topk_prob))
+
+
+def permute(x: torch.Tensor, indices: torch.Tensor, num_experts: int):
+    """x [T, H], indices [T, k] -> (x_sorted [T*k, H], offsets [E+1], state); stable by expert."""
+    if not _kernels.get(x.device.type, False):
+        return reference.permute(x, indices, num_experts)
+    T, k = indices.shape
+    x_sorted, offsets, order, inv = torch.ops.megads.permute(x, indices, num_experts)
+    return x_sorted, offsets, NativePermuteState(order, inv, T, k)
+
+
+def unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, state) -> torch.Tensor:
+    """Weighted combine back to token order: y [T, H] = sum_j weights[t, j] * y_sorted[row(t, j)]."""
+    if isinstance(state, reference.PermuteState):  # permute fell back to the reference
+        return reference.unpermute(y_sorted, weights, state)
+    return torch.ops.megads.unpermute(y_sorted, weights, state.inv)
+
+
+# ------------------------------------------------------------------------- autograd and fakes
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _route_fake(logits, bias, top_k, n_group, topk_group, score_func, route_scale, norm_topk_prob):
+    T, E = logits.shape
+    weights = logits.new_empty((T, top_k), dtype=_acc_dtype(logits.dtype))
+    indices = logits.new_empty((T, top_k), dtype=torch.int64)
+    counts = logits.new_empty((E,), dtype=torch.int64)
+    return weights, indices, counts
+
+
+def _route_backward_fake(grad_weights, logits, indices, score_func, route_scale, norm_topk_prob):
+    return torch.empty_like(logits)
+
+
+def _route_setup(ctx, inputs, output):
+    logits, _bias, _top_k, _n_group, _topk_group, score_func, route_scale, norm = inputs
+    _weights, indices, _counts = output
+    ctx.save_for_backward(logits, indices)
+    ctx.args = (score_func, route_scale, norm)
+
+
+def _route_backward(ctx, grad_weights, _grad_indices, _grad_counts):
+    logits, indices = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0] and grad_weights is not None:
+        grad_logits = torch.ops.megads.route_backward(grad_weights, logits, indices, *ctx.args)
+    return grad_logits, None, None, None, None, None, None, None
+
+
+def _permute_fake(x, indices, num_experts):
+    N = indices.shape[0] * indices.shape[1]
+    x_sorted = x.new_empty((N, x.shape[1]))
+    offsets = indices.new_empty((num_experts + 1,), dtype=torch.int64)
+    order = indices.new_empty((N,), dtype=torch.int64)
+    inv = indices.new_empty((N,), dtype=torch.int64)
+    return x_sorted, offsets, order, inv
+
+
+def _permute_backward_fake(grad_x_sorted, inv, top_k):
+    return grad_x_sorted.new_empty((grad_x_sorted.shape[0] // top_k, grad_x_sorted.shape[1]))
+
+
+def _permute_setup(ctx, inputs, output):
+    _x, indices, _num_experts = inputs
+    ctx.save_for_backward(output[3])
+    ctx.top_k = indices.shape[1]
+
+
+def _permute_backward(ctx, grad_x_sorted, _g_offsets, _g_order, _g_inv):
+    (inv,) = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0] and grad_x_sorted is not None:
+        grad_x = torch.ops.megads.permute_backward(grad_x_sorted, inv, ctx.top_k)
+    return grad_x, None, None
+
+
+def _unpermute_fake(y_sorted, weights, inv):
+    return y_sorted.new_empty((weights.shape[0], y_sorted.shape[1]))
+
+
+def _unpermute_backward_fake(grad_y, y_sorted, weights, inv):
+    return torch.empty_like(y_sorted), torch.empty_like(weights)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y_sorted, weights, inv = inputs
+    ctx.save_for_backward(y_sorted, weights, inv)
+
+
+def _unpermute_backward(ctx, grad_y):
+    y_sorted, weights, inv = ctx.saved_tensors
+    if grad_y is None or not any(ctx.needs_input_grad[:2]):
+        return None, None, None
+    grad_y_sorted, grad_weights = torch.ops.megads.unpermute_backward(grad_y, y_sorted, weights, inv)
+    return (grad_y_sorted if ctx.needs_input_grad[0] else None,
+            grad_weights if ctx.needs_input_grad[1] else None, None)
+
+
+def _register() -> None:
+    lib = torch.library
+    lib.register_fake("megads::route")(_route_fake)
+    lib.register_fake("megads::route_backward")(_route_backward_fake)
+    lib.register_fake("megads::permute")(_permute_fake)
+    lib.register_fake("megads::permute_backward")(_permute_backward_fake)
+    lib.register_fake("megads::unpermute")(_unpermute_fake)
+    lib.register_fake("megads::unpermute_backward")(_unpermute_backward_fake)
+    lib.register_autograd("megads::route", _route_backward, setup_context=_route_setup)
+    lib.register_autograd("megads::permute", _permute_backward, setup_context=_permute_setup)
+    lib.register_autograd("megads::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
