@@ -80,7 +80,8 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
         tmp.mkdir()
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
-    torch.save({"rng": rng_state(), "rank_state": rank_state or {}}, tmp / f"rank{rank}.pt")
+    plain = {k: v.detach().cpu().clone() for k, v in (rank_state or {}).items()}  # no param attributes
+    torch.save({"rng": rng_state(), "rank_state": plain}, tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
