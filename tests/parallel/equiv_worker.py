@@ -58,17 +58,23 @@ def main():
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], help="extra overrides (benchmarks)")
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = load_config(None, overrides(a.tp, a.ep, a.zero, a.out))
+    torch.set_num_threads(a.threads)
+    cfg = load_config(None, overrides(a.tp, a.ep, a.zero, a.out) + a.set)
     pstate.init_distributed("gloo", 120)
-    data = (Synthetic(64, 16, 128, 1), Synthetic(16, 16, 128, 2), None)
+    t = cfg.train
+    n = max(64, t.max_steps * t.global_batch_size)
+    data = (Synthetic(n, t.seq_len, cfg.model.vocab_size, 1), Synthetic(16, t.seq_len, cfg.model.vocab_size, 2), None)
     tr = Trainer(cfg, resume="none", datasets=data)
     tr.train()
     full = tr.full_state()
     if tr.rank == 0:
         torch.save({"losses": [r["loss"] for r in tr.history], "state": full,
-                    "a2a": [r.get("a2a_bytes_per_token", 0.0) for r in tr.history]}, os.path.join(a.out, "result.pt"))
+                    "a2a": [r.get("a2a_bytes_per_token", 0.0) for r in tr.history],
+                    "step_time": [r["step_time_s"] for r in tr.history],
+                    "tokens_per_s": [r["tokens_per_s"] for r in tr.history]}, os.path.join(a.out, "result.pt"))
     torch.distributed.destroy_process_group()
 
 

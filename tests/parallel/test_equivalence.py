@@ -24,7 +24,7 @@ def _port():
         return s.getsockname()[1]
 
 
-def run_layout(world, tp, ep, zero, out: Path) -> dict:
+def run_layout(world, tp, ep, zero, out: Path, extra=(), threads=1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     port = _port()
     procs = []
@@ -33,7 +33,8 @@ def run_layout(world, tp, ep, zero, out: Path) -> dict:
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
         log = open(out / f"log{r}", "w")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), "--tp", str(tp), "--ep", str(ep),
-                                       "--zero", str(zero), "--out", str(out)], env=env, stdout=log,
+                                       "--zero", str(zero), "--out", str(out), "--threads", str(threads)]
+                                      + [a for e in extra for a in ("--set", e)], env=env, stdout=log,
                                       stderr=subprocess.STDOUT, cwd=str(ROOT)))
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0] * world, (codes, (out / "log0").read_text()[-3000:])
