@@ -286,7 +286,7 @@ def _fill(section_obj, mapping: dict, where: str, src: str) -> None:
             close = [n for n in names if n.startswith(str(key)[:4])]
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{src}{where}.{key}: unknown key{hint}")
-        setattr(section_obj, key, _check_type(value, hints[key], f"{where}.{key}", ""))
+        setattr(section_obj, key, _check_type(value, hints[key], f"{where}.{key}", src))
 
 
 def _read_yaml(path: Path) -> dict:
@@ -378,7 +378,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         return cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{src}{e}") from None
+        where = src + ("with --set overrides: " if overrides else "")
+        raise ConfigError(f"{where}{e}") from None
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

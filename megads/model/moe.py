@@ -46,7 +46,8 @@ class Gate(nn.Module):
     def forward(self, x):
         """x [T, D] -> weights [T, k] float32, indices [T, k], counts [E], logits [T, E]."""
         c = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
+        dt = torch.promote_types(x.dtype, torch.float32)  # at least float32 (float64 stays float64)
+        logits = F.linear(x.to(dt), self.weight.to(dt))
         w, idx, counts = ops.route(logits, self.bias, top_k=c.num_experts_per_tok, n_group=c.n_group,
                                    topk_group=c.topk_group, score_func=c.score_func,
                                    route_scale=c.route_scale, norm_topk_prob=c.norm_topk_prob)

@@ -66,9 +66,9 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, cfg.num_layers + depth, cfg.n_routed_experts > 0, par)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev, emb, cos, sin):
+    def forward(self, h_prev, emb, cos, sin, attn_mask=None):
         x = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb)], dim=-1))
-        h, aux = self.block(x, cos, sin)
+        h, aux = self.block(x, cos, sin, attn_mask=attn_mask)
         return h, aux
 
 
@@ -179,13 +179,14 @@ class Transformer(nn.Module):
         lm_loss = losses.sum() / n.clamp_min(1)
         mtp_loss = h.new_zeros((), dtype=torch.float32)
         if self.mtp:
-            mtp_loss, mtp_aux = self._mtp_loss(h, labels, positions)
+            mtp_loss, mtp_aux = self._mtp_loss(h, labels, positions, tokens, attention_mask)
             aux_total = aux_total + mtp_aux
         loss = lm_loss + self.cfg.mtp_lambda * mtp_loss + aux_total
         return LMOutput(loss, lm_loss.detach(), mtp_loss.detach(), aux_total.detach(), n)
 
-    def _mtp_loss(self, h, labels, positions):
-        """Depth k predicts t_{i+k+1} from h^{k-1}_i and Emb(t_{i+k}) (= labels[i+k-1]).
+    def _mtp_loss(self, h, labels, positions, tokens, attention_mask=None):
+        """Depth k predicts t_{i+k+1} (= labels[i+k]) from h^{k-1}_i and Emb(t_{i+k}) (= tokens[i+k],
+        read from the tokens: an ignored label (-100, e.g. a masked prompt) still has its token).
 
         Returns (mean MTP loss over the depths, their balance losses)."""
         S = labels.shape[1]
@@ -196,12 +197,15 @@ class Transformer(nn.Module):
             L = S - k
             if L <= 0:
                 break
-            inp = labels[:, k - 1:k - 1 + L].clamp_min(0)
+            inp = tokens[:, k:k + L]
             tgt = labels[:, k:k + L]
             emb = self.embed(inp)
             pos = positions[..., :L]
             cos, sin = self.rope(pos, h.dtype)
-            hk, aux = module(h_prev[:, :L], emb, cos, sin)
+            mask = attention_mask[:, :L].bool() if attention_mask is not None else None  # left padding
+            if mask is not None:  # no MTP target from a padding position's hidden state
+                tgt = tgt.masked_fill(~mask, -100)
+            hk, aux = module(h_prev[:, :L], emb, cos, sin, mask)
             aux_total = aux_total + aux
             logits = self.head(module.norm(hk))
             losses = self._ce(logits, tgt)

@@ -96,11 +96,12 @@ def unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, state: PermuteState
     """Weighted combine of expert outputs back into token order.
 
     y_sorted: [T*k, H] in permuted order; weights: [T, k]. Returns y [T, H] in y_sorted's dtype,
-    accumulated in float32.
+    accumulated in float32 (float64 for float64 inputs).
     """
-    w_sorted = weights.reshape(-1).index_select(0, state.order).float()  # [T*k]
-    contrib = y_sorted.float() * w_sorted.unsqueeze(-1)
-    out = torch.zeros(state.num_tokens, y_sorted.shape[-1], dtype=torch.float32, device=y_sorted.device)
+    acc = torch.promote_types(y_sorted.dtype, torch.float32)
+    w_sorted = weights.reshape(-1).index_select(0, state.order).to(acc)  # [T*k]
+    contrib = y_sorted.to(acc) * w_sorted.unsqueeze(-1)
+    out = torch.zeros(state.num_tokens, y_sorted.shape[-1], dtype=acc, device=y_sorted.device)
     out = out.index_add(0, state.token_of, contrib)
     return out.to(y_sorted.dtype)
 
@@ -124,5 +125,6 @@ def sequence_balance_loss(
 
 
 def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
-    """Unbiased router scores in float32 ([T, E])."""
-    return torch.sigmoid(logits.float()) if score_func == "sigmoid" else F.softmax(logits.float(), dim=-1)
+    """Unbiased router scores in float32 ([T, E]); float64 logits give float64 scores."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.sigmoid(x) if score_func == "sigmoid" else F.softmax(x, dim=-1)
