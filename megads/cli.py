@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from megads.errors import MegadsError
+from megads.errors import ConfigError, MegadsError
 
 log = logging.getLogger("megads")
 
@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MegadsError as e:
-        print(f"megads: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        # every rank hits the same config error: rank 0 says it, every rank exits cleanly
+        if rank == "0" or not isinstance(e, ConfigError):
+            prefix = "" if rank == "0" else f"[rank {rank}] "
+            print(f"{prefix}megads: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("megads: interrupted", file=sys.stderr)

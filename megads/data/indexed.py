@@ -22,7 +22,7 @@ import os
 import struct
 from array import array
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -260,16 +260,16 @@ class IndexedDataset:
             return self.tokens[0:0]
         return self.tokens[self._start(a):self._start(b - 1) + int(self.sizes[b - 1])]
 
-    def doc_sequences(self, doc_ids: Iterable[int]) -> np.ndarray:
-        """The sequence ids of the given documents, in order."""
-        doc_ids = np.asarray(list(doc_ids) if not isinstance(doc_ids, np.ndarray) else doc_ids, dtype=np.int64)
-        starts, ends = np.asarray(self.doc_idx)[doc_ids], np.asarray(self.doc_idx)[doc_ids + 1]
-        counts = ends - starts
-        if counts.size and np.all(counts == 1):
-            return starts.astype(np.int64)
-        # ranges [starts, ends) concatenated
-        offs = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        return np.arange(int(counts.sum()), dtype=np.int64) + offs
+    def doc_sequences(self, doc_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The sequence ids of the given documents, in order ([sum of their sequence counts] int64)."""
+        doc_ids = np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+        starts = np.asarray(self.doc_idx[doc_ids], dtype=np.int64)  # [n]
+        counts = np.asarray(self.doc_idx[doc_ids + 1], dtype=np.int64) - starts  # [n]
+        if np.all(counts == 1):  # the usual case: one sequence per document
+            return starts
+        # the ranges [start, start + count) back to back
+        before = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [n] output position of each range
+        return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - before, counts)
 
     def max_token(self) -> int:
         """Largest token id in the data (a full scan, in 16M-token pieces)."""

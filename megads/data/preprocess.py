@@ -88,16 +88,40 @@ class _ChunkWorker:
 
 
 _WORKER: _ChunkWorker | None = None
+_WORKER_ERROR: BaseException | None = None
 
 
 def _init_worker(tokenizer_path: str, json_key: str, append_eos: bool) -> None:
-    global _WORKER
+    global _WORKER, _WORKER_ERROR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
-    _WORKER = _ChunkWorker(tokenizer_path, json_key, append_eos)
+    try:
+        _WORKER = _ChunkWorker(tokenizer_path, json_key, append_eos)
+    except Exception as e:  # raised from the first task: a failing initializer would be respawned forever
+        _WORKER_ERROR = e
 
 
 def _run_chunk(item):
+    if _WORKER is None:
+        raise _WORKER_ERROR or RuntimeError("preprocess worker not initialised")
     return _WORKER(item)
+
+
+def _pool(workers: int, initargs: tuple):
+    """A process pool: fork where available (fast, no re-import of __main__), else spawn.
+
+    TOKENIZERS_PARALLELISM is set while the workers fork so that `tokenizers` in the children
+    neither warns nor uses a thread pool inherited half-alive from the parent.
+    """
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=initargs)
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def _results(inputs, tokenizer_path, json_key, append_eos, workers):
@@ -108,8 +132,7 @@ def _results(inputs, tokenizer_path, json_key, append_eos, workers):
         for item in items:
             yield worker(item)
         return
-    ctx = mp.get_context("spawn")  # no fork of a parent that may run torch/gloo threads
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, json_key, append_eos)) as pool:
+    with _pool(workers, (tokenizer_path, json_key, append_eos)) as pool:
         pending: collections.deque = collections.deque()
         for item in items:
             pending.append(pool.apply_async(_run_chunk, (item,)))
@@ -156,7 +179,7 @@ def preprocess(inputs: list[str], tokenizer_path: str | os.PathLike, output_pref
                 stats["skipped"] += 1
                 if len(stats["errors"]) < max_reported:
                     stats["errors"].append(msg)
-                    log.warning("skipped %s", msg)
+                    log.info("skipped %s", msg)
             stats["empty"] += empty
             if sizes.size:
                 builder.add_documents(tokens, sizes)

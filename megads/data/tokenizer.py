@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
 
 from megads.errors import DataError
+
+log = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>",
@@ -52,7 +55,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text; runs in parallel threads inside `tokenizers`."""
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        fast = getattr(self.hf, "encode_batch_fast", None)  # tokenizers >= 0.20: skips offsets
+        encode = fast if fast is not None else self.hf.encode_batch
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; byte-level pieces are reassembled into UTF-8 (invalid bytes become U+FFFD)."""
@@ -141,13 +146,16 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str | os.PathLik
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
         special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     counter = {"docs": 0}
+    skipped: list[str] = []
 
     def texts():
-        for t in iter_texts(files, json_key, on_error="skip"):
+        for t in iter_texts(files, json_key, on_error="skip", skipped=skipped):
             counter["docs"] += 1
             yield t
 
     hf.train_from_iterator(texts(), trainer=trainer)
+    if skipped:
+        log.warning("tokenizer training skipped %d malformed records (first: %s)", len(skipped), skipped[0])
     if counter["docs"] == 0:
         raise DataError(f"no documents to train a tokenizer on in {', '.join(files)}")
     for i, t in enumerate(SPECIAL_TOKENS):  # stable ids: the trainer puts them first, in order

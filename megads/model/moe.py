@@ -35,9 +35,10 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Router: logits u.e_i in float32, routed through megads.ops.route (native or torch)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, node_limit: tuple[int, int] | None = None):
         super().__init__()
         self.cfg = cfg
+        self.node_limit = node_limit  # (EP nodes, max nodes per token) for node-limited routing
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
         # the balancing bias is state, not a parameter: the trainer updates it, never the optimizer
@@ -48,6 +49,15 @@ class Gate(nn.Module):
         c = self.cfg
         dt = torch.promote_types(x.dtype, torch.float32)  # at least float32 (float64 stays float64)
         logits = F.linear(x.to(dt), self.weight.to(dt))
+        if self.node_limit is not None:  # the mask is a reference-path feature
+            nodes, m = self.node_limit
+            mask = ops.reference.node_limit_mask(logits, self.bias, num_nodes=nodes, max_nodes=m,
+                                                 top_k=c.num_experts_per_tok, score_func=c.score_func)
+            w, idx, counts = ops.reference.route(
+                logits, self.bias, top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
+                score_func=c.score_func, route_scale=c.route_scale, norm_topk_prob=c.norm_topk_prob,
+                expert_mask=mask)
+            return w, idx, counts, logits
         w, idx, counts = ops.route(logits, self.bias, top_k=c.num_experts_per_tok, n_group=c.n_group,
                                    topk_group=c.topk_group, score_func=c.score_func,
                                    route_scale=c.route_scale, norm_topk_prob=c.norm_topk_prob)
@@ -84,12 +94,13 @@ class LocalDispatcher:
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel=False, dispatcher=None,
-                 num_local_experts: int | None = None, token_split: bool = False):
+                 num_local_experts: int | None = None, token_split: bool = False,
+                 node_limit: tuple[int, int] | None = None):
         super().__init__()
         self.cfg = cfg
         # under TP+EP (no SP) the TP ranks hold the same tokens: each dispatches its 1/tp share
         self.split_group = tp_group if token_split else None
-        self.gate = Gate(cfg)
+        self.gate = Gate(cfg, node_limit)
         self.experts = Experts(num_local_experts or cfg.n_routed_experts, cfg.hidden_size,
                                cfg.moe_intermediate_size, cfg)
         self.shared = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, cfg, tp_group,

@@ -39,7 +39,7 @@ class Block(nn.Module):
         if moe:
             self.ffn = MoE(cfg, par.get("tp_group"), sp, dispatcher=par.get("dispatcher"),
                            num_local_experts=par.get("num_local_experts"),
-                           token_split=par.get("moe_token_split", False))
+                           token_split=par.get("moe_token_split", False), node_limit=par.get("node_limit"))
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, par.get("tp_group"), sp)
         self.is_moe = moe

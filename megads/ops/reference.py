@@ -27,8 +27,11 @@ def route(
     score_func: str = "sigmoid",
     route_scale: float = 1.0,
     norm_topk_prob: bool = True,
+    expert_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek gate: scores, biased group-limited top-k selection, unbiased weights.
+
+    expert_mask: optional [T, E] bool of experts a token may choose (node-limited routing).
 
     logits: [T, E] router logits. bias: [E] (used for selection only) or None.
     Returns weights [T, k] float32 (differentiable w.r.t. logits), indices [T, k] int64,
@@ -44,6 +47,8 @@ def route(
     sel = scores.detach()
     if bias is not None:
         sel = sel + bias.float()
+    if expert_mask is not None:
+        sel = sel.masked_fill(~expert_mask, float("-inf"))
     if n_group > 1:
         grouped = sel.view(T, n_group, E // n_group)  # [T, G, E/G]
         if bias is not None:
@@ -122,6 +127,23 @@ def sequence_balance_loss(
     hits.scatter_add_(1, indices.reshape(batch, S * top_k), torch.ones(batch, S * top_k, device=scores.device, dtype=scores.dtype))
     f = hits * (num_experts / (top_k * S))
     return (f * P).sum(-1).mean()
+
+
+def node_limit_mask(logits: torch.Tensor, bias: torch.Tensor | None, *, num_nodes: int, max_nodes: int,
+                    top_k: int, score_func: str) -> torch.Tensor:
+    """Node-limited routing (V3): experts are laid out contiguously over `num_nodes` nodes; each
+    token keeps the `max_nodes` nodes with the largest sum of their top ceil(k/M) biased scores.
+    Returns the [T, E] bool mask of the experts on kept nodes."""
+    T, E = logits.shape
+    sel = router_scores(logits, score_func).detach()
+    if bias is not None:
+        sel = sel + bias.to(sel.dtype)
+    per_node = sel.view(T, num_nodes, E // num_nodes)
+    m = min(-(-top_k // max_nodes), E // num_nodes)
+    node_scores = per_node.topk(m, dim=-1).values.sum(-1)  # [T, nodes]
+    keep = _stable_topk_indices(node_scores, max_nodes)
+    mask = torch.zeros(T, num_nodes, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+    return mask.unsqueeze(-1).expand(T, num_nodes, E // num_nodes).reshape(T, E)
 
 
 def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:

@@ -55,7 +55,7 @@ class AllToAllDispatcher:
         self.reset_stats()
 
     def reset_stats(self):
-        self.stats = {"tokens": 0, "bytes_sent_remote": 0, "bytes_sent_internode": 0}
+        self.stats = {"tokens": 0, "bytes_sent_remote": 0, "bytes_sent_internode": 0, "bytes_internode_dedup": 0}
 
     def __call__(self, x, weights, indices, experts):
         E, ep = self.num_experts, self.ep
@@ -67,7 +67,7 @@ class AllToAllDispatcher:
         send = counts.view(ep, El).sum(1)
         recv = recv_counts.view(ep, El)
         send_splits, recv_splits = send.tolist(), recv.sum(1).tolist()  # the one host sync per layer
-        self._account(send_splits, x)
+        self._account(send_splits, x, indices)
         x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group)  # by source, then local expert
         idx, local_offsets = _source_major_to_expert_major(recv)
         y_local = experts(x_recv.index_select(0, idx), local_offsets)
@@ -75,9 +75,18 @@ class AllToAllDispatcher:
         y_sorted = all_to_all(y_recv, send_splits, recv_splits, self.group)
         return ops.unpermute(y_sorted, weights.to(x.dtype), state)
 
-    def _account(self, send_splits, x):
+    def _account(self, send_splits, x, indices):
+        """Bytes this rank sends: per routed copy to other ranks / other nodes, and the volume a
+        node-deduplicating (DeepEP-style) dispatch would send across nodes: one row per distinct
+        remote node of each token."""
         row = x.shape[-1] * x.element_size()
         me_node = self.rank // self.ranks_per_node
+        nodes = max(1, self.ep // self.ranks_per_node)
+        node_of = indices // (self.num_experts // nodes)  # [T, k]
+        hit = torch.zeros(indices.shape[0], nodes, dtype=torch.bool, device=indices.device)
+        hit.scatter_(1, node_of, True)
+        hit[:, me_node] = False
+        self.stats["bytes_internode_dedup"] += int(hit.sum()) * row
         self.stats["tokens"] += x.shape[0]
         for r, n in enumerate(send_splits):
             if r != self.rank:

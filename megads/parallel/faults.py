@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -86,32 +87,34 @@ def _store_address() -> tuple[str, int] | None:
     return None
 
 
-def timings(timeout_s: float) -> tuple[float, float, float]:
-    """(period, stale_after, op_timeout) for a job whose lost ranks must be reported within
-    timeout_s: beats every period (1 s, shorter for tiny timeouts); a rank is lost after
-    stale_after without a beat; one store request may take op_timeout before rank 0 is declared
-    unreachable. Both detection paths finish within timeout_s."""
+def timings(timeout_s: float) -> tuple[float, float]:
+    """(period, stale_after) for a job whose lost ranks must be reported within timeout_s: beats
+    every period (1 s, shorter for tiny timeouts); a rank is lost after stale_after without a beat,
+    and rank 0 after stale_after without an answer from the store. Detection, the verdict's
+    hand-over and the exit all fit in timeout_s."""
     period = min(1.0, timeout_s / 10.0)
-    stale_after = timeout_s - 3 * period
-    op_timeout = stale_after - period
-    return period, stale_after, op_timeout
+    return period, timeout_s - 3 * period
 
 
 class Watchdog:
-    """The heartbeat thread of one rank (see the module docstring)."""
+    """The heartbeat of one rank (see the module docstring): an I/O thread that beats, reads and
+    judges, and a dead-man thread that notices when the I/O thread hangs in a store request
+    (TCPStore's `add` and `multi_get` wait for the answer without a timeout: a stopped rank 0 or a
+    cut link would block them for the kernel's TCP timeout, a quarter of an hour)."""
 
     def __init__(self, rank: int, world: int, timeout_s: float, host: str, port: int,
                  prefix: str | None = None):
         self.rank, self.world = rank, world
         self.host, self.port = host, port
         self.timeout_s = timeout_s
-        self.period, self.stale_after, self.op_timeout = timings(timeout_s)
+        self.period, self.stale_after = timings(timeout_s)
         # a torchrun restart keeps the agent's store: keep each attempt's keys apart
         gen = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.prefix = prefix if prefix is not None else f"megads/heartbeat/{gen}/"
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._store = None
+        self._last_ok = time.monotonic()  # end of the last store round that answered
         self.lost: tuple[int, str] | None = None  # (rank, reason) once known
         self._lost_event = threading.Event()
 
@@ -128,45 +131,79 @@ class Watchdog:
         from torch.distributed import TCPStore
 
         self._store = TCPStore(self.host, self.port, is_master=False, wait_for_workers=False,
-                               timeout=datetime.timedelta(seconds=self.op_timeout))
+                               timeout=datetime.timedelta(seconds=self.stale_after))
         self._store.add(self._hb(self.rank), 1)
         if self.rank == 0:
-            self._store.add(self._verdict, 0)  # 0 = no verdict; creates the key without overwriting
-            for r in range(self.world):  # create every counter so multi_get never blocks
+            self._store.add(self._verdict, 0)  # 0 = no verdict; add creates the key without overwriting
+            for r in range(self.world):  # create every counter so multi_get never waits for one
                 self._store.add(self._hb(r), 0)
-        self._thread = threading.Thread(target=self._run, name="megads-heartbeat", daemon=True)
-        self._thread.start()
+        self._last_ok = time.monotonic()
+        io = self._watch_all if self.rank == 0 else self._watch_rank0
+        for target, name in ((io, "megads-heartbeat"), (self._deadman, "megads-heartbeat-deadman")):
+            t = threading.Thread(target=self._guard(target), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
         log.info("heartbeat watchdog: rank %d/%d, store %s:%d, period %.1fs, lost after %.1fs",
                  self.rank, self.world, self.host, self.port, self.period, self.stale_after)
         return self
 
     def stop(self) -> None:
+        """Stop judging at once; the threads end within a period (a hung request is abandoned:
+        the threads are daemons)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.op_timeout + self.period)
-        self._thread = None
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=2 * self.period)
+        self._threads = []
 
     def wait_lost(self, timeout: float) -> tuple[int, str] | None:
         """Block until a lost rank is known (or timeout); (rank, reason) or None."""
         self._lost_event.wait(timeout)
         return self.lost
 
-    # ---------------------------------------------------------------- the thread
+    # ---------------------------------------------------------------- the threads
+    def _guard(self, fn):
+        def run():
+            try:
+                fn()
+            except Exception as e:  # a bug in the watchdog must not end training
+                if not self._stop.is_set():
+                    log.error("heartbeat watchdog stopped: %s", e)
+        return run
+
     def _declare(self, rank: int, reason: str) -> None:
+        if self._stop.is_set():
+            return
         self.lost = (rank, reason)
         self._lost_event.set()
-        if not self._stop.is_set():
-            fail(f"lost rank {rank} ({reason})")
+        fail(f"lost rank {rank} ({reason})")
 
-    def _run(self) -> None:
+    def _store_failed(self, what: str) -> None:
+        """The store did not answer: rank 0 (or the link to it) is gone."""
+        where = f"rendezvous store at {self.host}:{self.port} {what}"
+        if self.rank != 0:
+            self._declare(0, where)
+        elif not self._stop.is_set():  # rank 0's own store (or torchrun's agent on this node)
+            fail(f"heartbeat {where}")
+
+    def _deadman(self) -> None:
+        while not self._stop.wait(self.period):
+            waited = time.monotonic() - self._last_ok
+            if waited > self.stale_after:
+                self._store_failed(f"stopped answering for {waited:.0f} s")
+                return
+
+    def _round(self, keys: list[str]) -> list[bytes] | None:
+        """Beat, then read `keys` in one request; None when stopping or after declaring."""
+        t0 = time.monotonic()
         try:
-            if self.rank == 0:
-                self._watch_all()
-            else:
-                self._watch_rank0()
-        except Exception as e:  # a bug here must not take training down silently or loudly
-            if not self._stop.is_set():
-                log.error("heartbeat watchdog stopped: %s", e)
+            self._store.add(self._hb(self.rank), 1)
+            values = self._store.multi_get(keys)
+        except Exception as e:
+            self._store_failed(f"failed after {time.monotonic() - t0:.0f} s: {_short(e)}")
+            return None
+        self._last_ok = time.monotonic()
+        return None if self._stop.is_set() else values
 
     def _watch_all(self) -> None:
         """Rank 0: beat, read every counter, judge."""
@@ -174,19 +211,15 @@ class Watchdog:
         last: list[bytes | None] = [None] * self.world
         seen = [time.monotonic()] * self.world
         while not self._stop.wait(self.period):
-            try:
-                self._store.add(keys[0], 1)
-                values = self._store.multi_get(keys)
-            except Exception as e:
-                if self._stop.is_set():
-                    return
-                fail(f"heartbeat store at {self.host}:{self.port} failed ({_short(e)})")
+            values = self._round(keys)
+            if values is None:
+                return
             now = time.monotonic()
             for r, v in enumerate(values):
                 if v != last[r]:
                     last[r], seen[r] = v, now
             stale = [(now - seen[r], r) for r in range(1, self.world) if now - seen[r] > self.stale_after]
-            if stale and not self._stop.is_set():
+            if stale:
                 age, r = max(stale)
                 reason = f"no heartbeat for {age:.0f} s"
                 try:  # tell the others who is lost before this rank (and maybe the store) goes
@@ -202,18 +235,10 @@ class Watchdog:
         keys = [self._hb(0), self._verdict]
         last, seen = None, time.monotonic()
         while not self._stop.wait(self.period):
-            t0 = time.monotonic()
-            try:
-                self._store.add(self._hb(self.rank), 1)
-                hb0, verdict = self._store.multi_get(keys)
-            except Exception as e:
-                if self._stop.is_set():
-                    return
-                waited = time.monotonic() - t0
-                what = "stopped answering" if waited >= self.op_timeout * 0.9 else "is gone"
-                self._declare(0, f"rendezvous store at {self.host}:{self.port} {what} after {waited:.0f} s: "
-                                 f"{_short(e)}")
+            values = self._round(keys)
+            if values is None:
                 return
+            hb0, verdict = values
             now = time.monotonic()
             if verdict not in (b"", b"0"):
                 r, _, reason = verdict.decode(errors="replace").partition(" ")
@@ -227,7 +252,10 @@ class Watchdog:
 
 
 def _short(e: BaseException, n: int = 160) -> str:
+    """One line of an error: without gloo's `[file.cc:123] ` prefix and its advice tail."""
     s = " ".join(str(e).split()) or type(e).__name__
+    s = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", s)
+    s = s.split(". This is typically", 1)[0]
     return s if len(s) <= n else s[: n - 1] + "…"
 
 

@@ -135,7 +135,7 @@ class Trainer:
         from megads.data import build_datasets, prepare_builtin
 
         cfg, t = self.cfg, self.cfg.train
-        if cfg.data.builtin_corpus:
+        if cfg.data.builtin_corpus and not cfg.data.paths:
             if self.rank == 0:
                 prepare_builtin(cfg.data)
             self._barrier()
@@ -266,7 +266,7 @@ class Trainer:
                 return EXIT_BAD_STEPS
             if counts is not None and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
                 self.metrics.log_expert_heatmap(self.step, counts.cpu().numpy())
-            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+            if (self.step % t.eval_interval == 0 or self.step == t.max_steps) and self.valid_ds is not None:
                 self.metrics.log_eval(self.step, self.evaluate())
             if self.step % t.save_interval == 0 or self.step == t.max_steps:
                 last_saved = self._save()
@@ -284,7 +284,8 @@ class Trainer:
         d.reset_stats()
         tokens = max(1, st["tokens"] // max(1, len(self.model.moe_layers())))
         return {"a2a_bytes_per_token": st["bytes_sent_remote"] / tokens,
-                "a2a_internode_bytes_per_token": st["bytes_sent_internode"] / tokens}
+                "a2a_internode_bytes_per_token": st["bytes_sent_internode"] / tokens,
+                "a2a_internode_dedup_bytes_per_token": st["bytes_internode_dedup"] / tokens}
 
     def _expert_stats(self, counts: torch.Tensor) -> dict:
         c = counts.float()
@@ -300,6 +301,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.train
+        if self.valid_ds is None or len(self.valid_ds) == 0:
+            return float("nan")
         self.engine.eval()
         per = t.eval_iters * t.micro_batch_size * self.dp
         total = 0.0
@@ -375,12 +378,29 @@ class Trainer:
 
 
 def run_training(config_path, overrides, resume: str = "auto") -> int:
+    """`megads train`: start torch.distributed from the launcher's environment, watch the other
+    ranks' heartbeats (a lost rank ends every survivor within parallel.timeout_s with a message
+    naming it, instead of a hang), train, and leave together."""
+    from megads.parallel import faults
+
     cfg = load_config(config_path, overrides)
     pstate.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    watchdog = faults.start_watchdog(cfg.parallel.timeout_s)  # None in a world of one
     try:
         trainer = Trainer(cfg, resume=resume)
-        return trainer.train()
+        code = trainer.train()
+        faults.stop_watchdog(watchdog, barrier=True)  # no rank leaves while another still watches
+        watchdog = None
+        return code
+    except Exception as e:
+        msg = faults.describe_collective_error(e) if dist.is_initialized() and dist.get_world_size() > 1 else None
+        if msg is None:
+            raise
+        log.debug("collective failed", exc_info=True)
+        faults.fail(msg)  # exits hard: the process group cannot be torn down cleanly now
+        raise  # unreachable
     finally:
+        faults.stop_watchdog(watchdog)
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()

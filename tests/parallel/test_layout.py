@@ -32,3 +32,30 @@ def test_every_rank_in_exactly_one_group_of_each_kind():
 def test_sizes_that_do_not_divide_are_rejected(world, tp, pp, ep, key):
     with pytest.raises(ConfigError, match=key.replace("*", r"\*")):
         Layout(world, tp, pp, ep)
+
+
+def test_bad_layout_rejected_on_rank0_and_every_rank_exits_2(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(2):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(root))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "megads", "train", "configs/tiny.yaml", "--set", "parallel.ep=4",
+             "--set", "model.n_routed_experts=8", "--set", f"train.output_dir={tmp_path}",
+             "--set", "data.builtin_corpus=false", "--set", "data.paths=[x]"],
+            cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert "parallel.ep: 4 must divide" in outs[0][1]
+    assert "megads: error" not in outs[1][1]
+    assert "Traceback" not in outs[0][1] + outs[1][1]
