@@ -16,7 +16,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def measure_peak_flops(n: int = 1024, reps: int = 3) -> float:
+def measure_peak_flops(n: int = 2048, reps: int = 5) -> float:
     """This machine's fp32 matmul rate (FLOP/s), the MFU denominator on CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(n, n, device=device)

@@ -63,7 +63,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(None, overrides(a.tp, a.ep, a.zero, a.out) + a.set)
-    pstate.init_distributed("gloo", 120)
+    pstate.init_distributed(os.environ.get("MEGADS_EQUIV_BACKEND", "gloo"), 120)
     t = cfg.train
     n = max(64, t.max_steps * t.global_batch_size)
     data = (Synthetic(n, t.seq_len, cfg.model.vocab_size, 1), Synthetic(16, t.seq_len, cfg.model.vocab_size, 2), None)
