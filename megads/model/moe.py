@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from megads import ops
 from megads.config import ModelConfig
-from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, gather_from_tp, group_rank, group_size,
-                                    scaled_init_std, scatter_to_tp)
+from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp, group_rank,
+                                    group_size, reduce_from_tp, scaled_init_std, scatter_to_tp)
 
 
 class MLP(nn.Module):
@@ -39,6 +39,7 @@ class Gate(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.node_limit = node_limit  # (EP nodes, max nodes per token) for node-limited routing
+        self.partial_group = None  # set under sequence parallelism (see MoE)
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
         # the balancing bias is state, not a parameter: the trainer updates it, never the optimizer
@@ -48,7 +49,8 @@ class Gate(nn.Module):
         """x [T, D] -> weights [T, k] float32, indices [T, k], counts [E], logits [T, E]."""
         c = self.cfg
         dt = torch.promote_types(x.dtype, torch.float32)  # at least float32 (float64 stays float64)
-        logits = F.linear(x.to(dt), self.weight.to(dt))
+        weight = copy_to_tp(self.weight, self.partial_group) if self.partial_group is not None else self.weight
+        logits = F.linear(x.to(dt), weight.to(dt))
         if self.node_limit is not None:  # the mask is a reference-path feature
             nodes, m = self.node_limit
             mask = ops.reference.node_limit_mask(logits, self.bias, num_nodes=nodes, max_nodes=m,
@@ -70,6 +72,7 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, dim: int, inter: int, cfg: ModelConfig):
         super().__init__()
         self.num_experts = num_experts
+        self.partial_group = None  # TP group when replicated experts see sequence-parallel chunks
         self.w1 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
@@ -79,8 +82,11 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x_sorted [N, D] rows grouped by expert (offsets [E+1]) -> [N, D]."""
-        h = F.silu(ops.grouped_linear(x_sorted, self.w1, offsets)) * ops.grouped_linear(x_sorted, self.w3, offsets)
-        return ops.grouped_linear(h, self.w2, offsets)
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if self.partial_group is not None:
+            w1, w2, w3 = (copy_to_tp(w, self.partial_group) for w in (w1, w2, w3))
+        h = F.silu(ops.grouped_linear(x_sorted, w1, offsets)) * ops.grouped_linear(x_sorted, w3, offsets)
+        return ops.grouped_linear(h, w2, offsets)
 
 
 class LocalDispatcher:
@@ -106,6 +112,11 @@ class MoE(nn.Module):
         self.shared = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, cfg, tp_group,
                            sequence_parallel) if cfg.n_shared_experts else None)
         self.dispatcher = dispatcher or LocalDispatcher()
+        # sequence parallel: each TP rank routes its own sequence chunk, so the router (and
+        # experts replicated over TP) get partial gradients, summed over TP in backward
+        self.sp_group = tp_group if sequence_parallel and group_size(tp_group) > 1 else None
+        self.gate.partial_group = self.sp_group
+        self.experts.partial_group = self.sp_group if dispatcher is None else None
         self.last_counts: torch.Tensor | None = None  # tokens per expert of the last forward
         self.last_aux: torch.Tensor | None = None
 
@@ -118,8 +129,15 @@ class MoE(nn.Module):
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.training and self.cfg.seq_aux_alpha > 0:
             scores = ops.router_scores(logits, self.cfg.score_func)
-            aux = self.cfg.seq_aux_alpha * ops.sequence_balance_loss(
-                scores, indices, B, self.cfg.n_routed_experts, self.cfg.num_experts_per_tok)
+            k, E = self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
+            hits, p_sum = ops.reference.balance_loss_sums(scores, indices, B, k)
+            seq = S
+            if self.sp_group is not None:  # add up the sequence chunks of the TP ranks
+                hits = hits.detach().clone()
+                torch.distributed.all_reduce(hits, group=self.sp_group)
+                p_sum = reduce_from_tp(p_sum, self.sp_group)
+                seq = S * group_size(self.sp_group)
+            aux = self.cfg.seq_aux_alpha * ops.reference.balance_loss_from_sums(hits, p_sum, seq, E, k)
         if self.split_group is not None:
             n, r = group_size(self.split_group), group_rank(self.split_group)
             if flat.shape[0] % n:

@@ -12,12 +12,21 @@ except Exception:  # pragma: no cover - not on CPU machines
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, sp_group=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # in a sequence-parallel region each TP rank normalises its own sequence chunk: the
+        # weight's gradient is partial and is summed over TP in backward
+        self.sp_group = sp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sp_group is not None:
+            from megads.parallel.tensor import copy_to_tp
+
+            w = copy_to_tp(self.weight, self.sp_group)
+            dt = torch.promote_types(x.dtype, torch.float32)
+            return F.rms_norm(x.to(dt), (x.shape[-1],), w.to(dt), self.eps).to(x.dtype)
         if _ApexRMSNorm is not None and x.is_cuda:
             from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # type: ignore
 

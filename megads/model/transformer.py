@@ -33,9 +33,10 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         sp = par.get("sequence_parallel", False)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        sp_group = par.get("tp_group") if sp else None
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp_group)
         self.attn = MLA(cfg, par.get("tp_group"), sp)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp_group)
         if moe:
             self.ffn = MoE(cfg, par.get("tp_group"), sp, dispatcher=par.get("dispatcher"),
                            num_local_experts=par.get("num_local_experts"),
@@ -94,7 +95,7 @@ class Transformer(nn.Module):
                                             std=cfg.init_std)
         self.rope = RotaryEmbedding(cfg)
         self.layers = nn.ModuleList(Block(cfg, i, cfg.is_moe_layer(i), par) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.tp_group if self.sequence_parallel else None)
         self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group=self.tp_group,
                                          std=cfg.init_std)
         self.mtp = nn.ModuleList(MTPModule(cfg, k + 1, par) for k in range(cfg.mtp_depth))
@@ -135,7 +136,9 @@ class Transformer(nn.Module):
 
     def _logits(self, h):
         if self.sequence_parallel:
-            h = gather_from_sp(h, self.tp_group, dim=1)
+            # the head's own copy_to_tp already sums the vocab shards' gradients, so the gather's
+            # backward is a split (a reduce-scatter would count them tp times)
+            h = gather_from_tp(h, self.tp_group, dim=1)
         return self.head(h)  # [B, S, V/tp]
 
     def _ce(self, logits_local, labels):

@@ -111,6 +111,24 @@ def unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, state: PermuteState
     return out.to(y_sorted.dtype)
 
 
+def balance_loss_sums(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k: int):
+    """Per-sequence sums behind the balance loss: (hits [B, E], summed normalised scores [B, E]).
+    Sums, so sequence-parallel chunks can add theirs up."""
+    T, E = scores.shape
+    S = T // batch
+    norm = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    p_sum = norm.view(batch, S, E).sum(1)
+    hits = torch.zeros(batch, E, device=scores.device, dtype=scores.dtype)
+    hits.scatter_add_(1, indices.reshape(batch, S * top_k),
+                      torch.ones(batch, S * top_k, device=scores.device, dtype=scores.dtype))
+    return hits, p_sum
+
+
+def balance_loss_from_sums(hits, p_sum, seq_len: int, num_experts: int, top_k: int) -> torch.Tensor:
+    f = hits * (num_experts / (top_k * seq_len))
+    return (f * (p_sum / seq_len)).sum(-1).mean()
+
+
 def sequence_balance_loss(
     scores: torch.Tensor, indices: torch.Tensor, batch: int, num_experts: int, top_k: int
 ) -> torch.Tensor:
@@ -119,14 +137,8 @@ def sequence_balance_loss(
     scores: [B*S, E] unbiased router scores; indices: [B*S, k]. f_i = E/(k*S) * #tokens of the
     sequence routed to i; P_i = mean over the sequence of the normalised score of expert i.
     """
-    T, E = scores.shape
-    S = T // batch
-    norm = scores / (scores.sum(-1, keepdim=True) + 1e-20)
-    P = norm.view(batch, S, E).mean(1)  # [B, E]
-    hits = torch.zeros(batch, E, device=scores.device, dtype=scores.dtype)
-    hits.scatter_add_(1, indices.reshape(batch, S * top_k), torch.ones(batch, S * top_k, device=scores.device, dtype=scores.dtype))
-    f = hits * (num_experts / (top_k * S))
-    return (f * P).sum(-1).mean()
+    hits, p_sum = balance_loss_sums(scores, indices, batch, top_k)
+    return balance_loss_from_sums(hits, p_sum, scores.shape[0] // batch, num_experts, top_k)
 
 
 def node_limit_mask(logits: torch.Tensor, bias: torch.Tensor | None, *, num_nodes: int, max_nodes: int,

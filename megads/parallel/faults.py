@@ -19,6 +19,8 @@ launcher, mpiexec and plain env://, by the agent under torchrun). Every `period`
     gives the others two periods to read it, and exits;
   * the other ranks read rank 0's counter and the verdict. A verdict, a stale rank-0 counter, or
     a store that fails or stops answering (rank 0 died, or the link to it was cut) ends them.
+    TCPStore requests have no reply timeout, so a second "dead-man" thread per rank watches the
+    time since the last answered request.
 
 Cost: two store round trips per rank per period; rank 0 reads N counters in one request, so the
 store sees O(N) small requests a second, never O(N^2).
@@ -47,7 +49,8 @@ LOST_RANK_EXIT = 1
 # substrings of backend errors that mean "a peer process or the link to it is gone"
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "econnreset",
               "connection refused", "epipe", "no route to host", "communicator was aborted",
-              "nccl communicator", "remote process exited", "socket closed", "connection closed")
+              "nccl communicator", "remote process exited", "socket closed", "connection closed",
+              "connection was likely closed")
 # substrings that mean "a collective waited longer than parallel.timeout_s"
 _TIMED_OUT = ("timed out", "timeout", "deadline exceeded", "etimedout")
 
@@ -272,7 +275,11 @@ def start_watchdog(timeout_s: float) -> Watchdog | None:
     if addr is None:
         log.warning("heartbeat watchdog disabled: no TCPStore address (MASTER_ADDR/MASTER_PORT unset)")
         return None
-    _active = Watchdog(dist.get_rank(), dist.get_world_size(), timeout_s, *addr).start()
+    try:
+        _active = Watchdog(dist.get_rank(), dist.get_world_size(), timeout_s, *addr).start()
+    except Exception as e:  # training can run without it; say why it is off
+        log.warning("heartbeat watchdog disabled: cannot reach the store at %s:%d (%s)", *addr, _short(e))
+        return None
     return _active
 
 
@@ -302,9 +309,11 @@ def describe_collective_error(exc: BaseException, wait_s: float | None = None) -
     import torch.distributed as dist
 
     chain = _chain(exc)
-    if not any(isinstance(e, (RuntimeError, OSError)) for e in chain):
-        return None  # backend errors are RuntimeError (DistBackendError) or OSError; others are bugs
     text = " ".join(f"{type(e).__name__}: {e}" for e in chain).lower()
+    from_backend = any(type(e).__name__.startswith("Dist") or isinstance(e, (ConnectionError, TimeoutError))
+                       for e in chain) or any(k in text for k in ("gloo", "nccl", "c10d", "processgroup"))
+    if not from_backend:
+        return None  # not from torch.distributed: a real bug, keep its traceback
     gone = any(s in text for s in _PEER_GONE)
     timed_out = any(s in text for s in _TIMED_OUT)
     if not (gone or timed_out):

@@ -53,6 +53,8 @@ LAYOUTS = {
     "dp2_zero2": (2, 1, 1, 2),
     "tp2_ep2": (4, 2, 2, 0),
     "ep2_dp2_zero1": (4, 1, 2, 1),
+    "tp2_sp": (2, 2, 1, 0, ["parallel.sequence_parallel=true"]),
+    "tp2_sp_ep2_zero1": (4, 2, 2, 1, ["parallel.sequence_parallel=true"]),
 }
 
 
@@ -61,10 +63,10 @@ MAX_WORLD = int(os.environ.get("MEGADS_EQUIV_MAX_WORLD", "4"))  # GPU check: as 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, single, tmp_path):
-    world, tp, ep, zero = LAYOUTS[name]
+    world, tp, ep, zero, *extra = LAYOUTS[name]
     if world > MAX_WORLD:
         pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
-    got = run_layout(world, tp, ep, zero, tmp_path)
+    got = run_layout(world, tp, ep, zero, tmp_path, extra=extra[0] if extra else ())
     assert len(got["losses"]) == len(single["losses"]) == 3
     for a, b in zip(single["losses"], got["losses"]):
         assert abs(a - b) <= 1e-5 * abs(a), (single["losses"], got["losses"])
