@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training under MPI: mpiexec/mpirun starts the ranks, mpi4py tells each its rank (DeepSpeed's MPI
 # discovery), and torch.distributed then rendezvouses on rank 0's first address (`hostname -I`)
-# at port 29500. MPICH from pip (`pip install mpich`, in the [mpi] extra) works on a laptop:
+# at port $MASTER_PORT (default 29500). MPICH from pip (`pip install mpich`, in the [mpi] extra) works on a laptop:
 #
 #   NPROC=2 launch/mpirun.sh configs/tiny.yaml              # one machine, 2 ranks
 #   NNODES=2 NPROC=8 MPI_HOSTFILE=hosts launch/mpirun.sh configs/tiny.yaml

@@ -172,5 +172,6 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> tuple[i
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
     return dist.get_rank(), dist.get_world_size()

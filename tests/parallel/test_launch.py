@@ -121,14 +121,13 @@ def test_torchrun_two_ranks(tmp_path):
 
 def test_mpiexec_two_ranks(tmp_path):
     """mpiexec -n 2 python -m megads train …: ranks from mpi4py, rendezvous at rank 0's
-    `hostname -I` address, port 29500 (DeepSpeed's MPI discovery)."""
+    `hostname -I` address, port MASTER_PORT (default 29500)."""
     mpiexec = BIN / "mpiexec"
     if not mpiexec.exists() and not shutil.which("mpiexec"):
         pytest.skip("no mpiexec in the venv or on PATH (pip install mpich)")
-    wait_for_port(29500, 90)  # MPI discovery always rendezvouses on 29500: wait out another job using it
     out = tmp_path / "run"
     code, output, secs = run([str(LAUNCH / "mpirun.sh"), "configs/tiny.yaml", *sets(out)], tmp_path / "log",
-                             env=env(NPROC=2, PYTHON=sys.executable))
+                             env=env(NPROC=2, PYTHON=sys.executable, MASTER_PORT=free_port()))
     check_run(code, output, secs, out, "mpiexec -n 2")
 
 
