@@ -1,0 +1,245 @@
+"""megads vs transformers' DeepseekV3ForCausalLM on the same config and weights (CPU, fp32).
+
+Measures, in one run on this machine:
+- training: forward+backward tokens/s and MFU (model FLOPs from megads.model.info against this
+  machine's fp32 matmul rate, measured here with a large torch.mm);
+- decode: greedy tokens/s after a long prompt (prefill timed separately and subtracted);
+- KV cache: bytes per token (megads: its MLACache; transformers: the DynamicCache tensors after
+  prefill divided by the tokens).
+
+The `small` preset with mtp_depth 0 and seq_aux_alpha 0, so both models compute the same thing.
+megads weights are exported with megads.hf.megads_to_hf and loaded by transformers; the two
+models' logits are checked to agree before anything is timed.
+
+    PYTHONPATH=. .venv/bin/python bench/model.py            # ~5-8 min on 2 cores
+    PYTHONPATH=. .venv/bin/python bench/model.py --quick    # ~1 min
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def matmul_peak(n: int, reps: int = 5) -> float:
+    """fp32 FLOP/s of one large square torch.mm (best of reps)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def time_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Best wall time of each fn over `reps` rounds, the fns alternating inside a round so that
+    load from other processes on a shared machine hits them alike (the minimum is the least
+    disturbed run)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def small_m_matmuls(fn):
+    """Run fn with the decode fix proposed for megads (see bench/RESULTS.md): on CPU, a linear
+    with few rows computed as (W @ x^T)^T, which BLAS runs ~3x faster than x @ W^T at these
+    shapes, for the dense projections and for each expert's rows. A what-if: not in the model."""
+    import torch.nn.functional as F
+
+    from megads import ops
+
+    lin, grouped = F.linear, ops.grouped_linear
+
+    def linear(x, w, b=None):
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if x.is_cuda or b is not None or w.dim() != 2 or not 0 < rows <= 32:
+            return lin(x, w, b)
+        return torch.mm(w, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], w.shape[0])
+
+    def grouped_linear(x, w, offsets):
+        if x.is_cuda or x.shape[0] > 64:
+            return grouped(x, w, offsets)
+        bounds = offsets.tolist()
+        out = x.new_empty(x.shape[0], w.shape[1])
+        for e in range(w.shape[0]):
+            if bounds[e + 1] > bounds[e]:
+                out[bounds[e]:bounds[e + 1]] = torch.mm(w[e], x[bounds[e]:bounds[e + 1]].t()).t()
+        return out
+
+    def call():
+        F.linear, ops.grouped_linear = linear, grouped_linear
+        try:
+            return fn()
+        finally:
+            F.linear, ops.grouped_linear = lin, grouped
+    return call
+
+
+def hf_cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1 min)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()
+
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from megads import hf, ops
+    from megads.config import load_model_preset
+    from megads.model import MLACache, Transformer
+    from megads.model.info import flops_per_token
+
+    hf_logging.set_verbosity_error()
+    if args.quick:
+        tb, ts, steps, db, dp, dn, mm, decode_reps = 2, 128, 2, 2, 256, 8, 1024, 2
+    else:
+        tb, ts, steps, db, dp, dn, mm, decode_reps = 4, 512, 3, 4, 1024, 32, 2048, 3
+    cfg = load_model_preset(args.preset)
+    cfg.mtp_depth, cfg.seq_aux_alpha = 0, 0.0
+    cfg.max_seq_len = max(cfg.max_seq_len, dp + dn, ts)
+
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        hf.megads_to_hf(ours, d)
+        theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    impl = f"attn={theirs.config._attn_implementation}, experts={theirs.config._experts_implementation}"
+
+    x = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours.eval()(x), theirs.eval()(x).logits
+    agree = ((a - b).abs().max() / b.abs().max()).item()
+    assert agree < 1e-4, f"megads and transformers disagree (rel err {agree:.2e})"
+
+    peak = matmul_peak(mm)
+
+    # ---------------------------------------------------------------- training
+    g = torch.Generator().manual_seed(2)
+    toks = torch.randint(0, cfg.vocab_size, (tb, ts + 1), generator=g)
+    inp, lab = toks[:, :-1], toks[:, 1:]
+
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        ours(inp, labels=lab).loss.backward()
+
+    def theirs_step():
+        theirs.zero_grad(set_to_none=True)
+        theirs(input_ids=inp, labels=inp).loss.backward()  # transformers shifts the labels itself
+
+    ours.train()
+    theirs.train()
+    t = time_interleaved({"ours": ours_step, "theirs": theirs_step}, steps)
+    ours.zero_grad(set_to_none=True)
+    theirs.zero_grad(set_to_none=True)
+    ours.eval()
+    theirs.eval()
+    fpt = flops_per_token(cfg, seq_len=ts)
+    train_ours, train_theirs = tb * ts / t["ours"], tb * ts / t["theirs"]
+
+    # ---------------------------------------------------------------- decode
+    # Each forward call is time-stamped (the instance's forward wrapped), so one generate gives
+    # the prefill time and every decode step's time (forward + that library's sampling loop).
+    # Stalls from other processes only ever add time: the best step is the undisturbed cost.
+    prompt = torch.randint(0, cfg.vocab_size, (db, dp), generator=g)
+    gen_kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    runs = {
+        "ours": (ours, lambda: ours.generate(prompt, max_new_tokens=dn)),
+        "theirs": (theirs, lambda: theirs.generate(prompt, max_new_tokens=dn, min_new_tokens=dn, **gen_kw)),
+        "fix": (ours, small_m_matmuls(lambda: ours.generate(prompt, max_new_tokens=dn))),
+    }
+    prefill = {k: float("inf") for k in runs}
+    steps_t = {k: [] for k in runs}
+    outs = {}
+    with torch.no_grad():
+        for _ in range(decode_reps):
+            for key, (model, gen) in runs.items():
+                stamps = [time.perf_counter()]
+                inner = model.forward
+
+                def stamped(*a, _inner=inner, _stamps=stamps, **k):
+                    out = _inner(*a, **k)
+                    _stamps.append(time.perf_counter())
+                    return out
+
+                model.forward = stamped
+                try:
+                    outs[key] = gen()
+                finally:
+                    del model.forward  # back to the class's forward
+                prefill[key] = min(prefill[key], stamps[1] - stamps[0])
+                steps_t[key] += [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        same_tokens = bool(torch.equal(outs["ours"], outs["theirs"]) and torch.equal(outs["fix"], outs["ours"]))
+        dec_fix = db / min(steps_t["fix"])
+        p_ours, p_theirs = prefill["ours"], prefill["theirs"]
+        dec_ours, dec_theirs = db / min(steps_t["ours"]), db / min(steps_t["theirs"])
+        med_ours, med_theirs = db / statistics.median(steps_t["ours"]), db / statistics.median(steps_t["theirs"])
+        fwd_ours = db * dp / time_interleaved({"fwd": lambda: ours(prompt)}, reps=decode_reps, warmup=0)["fwd"]
+        peak = max(peak, matmul_peak(mm))
+
+        # ------------------------------------------------------------ KV cache per token
+        cache_ours = MLACache(cfg, db, dp, dtype=torch.float32).bytes_per_token()
+        out = theirs(prompt, use_cache=True)
+        hf_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache_theirs = hf_cache_bytes(hf_cache) / (db * dp)
+
+    rows = [
+        (f"train fwd+bwd tokens/s (B={tb}, S={ts})", f"{train_ours:,.0f}", f"{train_theirs:,.0f}",
+         f"{train_ours / train_theirs:.2f}x", ">= 1.5x"),
+        ("train MFU (model FLOPs / measured fp32 peak)", f"{100 * fpt * train_ours / peak:.1f}%",
+         f"{100 * fpt * train_theirs / peak:.1f}%", "", ""),
+        (f"prefill tokens/s (B={db}, prompt {dp})", f"{db * dp / p_ours:,.0f}", f"{db * dp / p_theirs:,.0f}",
+         f"{p_theirs / p_ours:.2f}x", ""),
+        (f"  megads forward without cache, same prompt", f"{fwd_ours:,.0f}", "", "", ""),
+        (f"decode tokens/s (B={db}, {dn} new, greedy)", f"{dec_ours:,.1f}", f"{dec_theirs:,.1f}",
+         f"{dec_ours / dec_theirs:.2f}x", ">= 5x"),
+        ("  megads + proposed small-M matmul fix (what-if)", f"{dec_fix:,.1f}", "",
+         f"{dec_fix / dec_theirs:.2f}x", ""),
+        ("  (median step instead of best step)", f"{med_ours:,.1f}", f"{med_theirs:,.1f}",
+         f"{med_ours / med_theirs:.2f}x", ""),
+        ("KV cache bytes/token (fp32, all layers)", f"{cache_ours:,}", f"{cache_theirs:,.0f}",
+         f"{cache_ours / cache_theirs:.2f}x", "<= 1x"),
+    ]
+    head = ("metric", "megads", "transformers", "megads/peer", "target")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+    print(f"load average before/after: {load0[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; "
+          f"times are the best of interleaved repeats")
+    print(f"preset {args.preset} (mtp_depth 0, seq_aux_alpha 0), fp32, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; megads ops: {ops.backend()}; transformers: {impl}")
+    print(f"fp32 matmul peak (torch.mm {mm}x{mm}): {peak / 1e9:.1f} GFLOP/s; "
+          f"model FLOPs/token (train, S={ts}): {fpt / 1e6:.1f} M; logits agree to {agree:.1e} rel; "
+          f"greedy tokens identical: {same_tokens}")
+    for r in [head] + rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+        if r is head:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
