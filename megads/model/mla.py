@@ -21,7 +21,7 @@ from megads.config import ModelConfig
 from megads.model.cache import LayerCache
 from megads.model.norm import RMSNorm
 from megads.model.rope import apply_rope, softmax_scale
-from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp,
+from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp, linear,
                                     group_size, scaled_init_std)
 
 
@@ -64,14 +64,14 @@ class MLA(nn.Module):
     def _project(self, x, cos, sin):
         """x [B, S, D] -> q_nope [B,S,h,nope], q_pe [B,S,h,rope], c_kv [B,S,c], k_pe [B,S,rope]."""
         if self.cfg.q_lora_rank:
-            q = self.wq_b(self.q_norm(self.wq_a(self._gather_seq(x))))
+            q = self.wq_b(self.q_norm(linear(self._gather_seq(x), self.wq_a.weight)))
         else:
             q = self.wq(x)
         B, S = q.shape[:2]
         q = q.view(B, S, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        kv = self.wkv_a(self._gather_seq(x))
+        kv = linear(self._gather_seq(x), self.wkv_a.weight)
         c_kv, k_pe = kv.split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # [B, S, rope], shared by every head
@@ -96,6 +96,10 @@ class MLA(nn.Module):
         B, S = q_nope.shape[:2]
         if cache is None:
             out = self._attend_full(q_nope, q_pe, c_kv, k_pe, attn_mask)
+        elif start == 0 and S > 1 and not naive:
+            # prefill: causal SDPA over the prompt (expanded keys), then keep only the latents
+            cache.write(0, c_kv, k_pe)
+            out = self._attend_full(q_nope, q_pe, c_kv, k_pe, attn_mask)
         else:
             cache.write(start, c_kv, k_pe)
             kv_all, pe_all = cache.read(start + S)
@@ -112,13 +116,16 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        vdim = v.shape[-1]
+        if vdim < q.shape[-1]:  # equal head dims let SDPA take its fused kernel (zeros change nothing)
+            v = F.pad(v, (0, q.shape[-1] - vdim))
         if key_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             mask = _decode_mask(B, S, 0, key_mask, q.device)  # [B, 1, S, S]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             o = torch.nan_to_num(o)  # fully padded query rows
-        return o.transpose(1, 2)  # [B, S, h, v]
+        return o[..., :vdim].transpose(1, 2)  # [B, S, h, v]
 
     def _attend_naive(self, q_nope, q_pe, kv, pe, mask):
         """Reference decode: expand every cached latent to per-head keys/values."""

@@ -158,6 +158,16 @@ def reduce_scatter_to_sp(x, group, dim=1):
 
 # ---------------------------------------------------------------- layers
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T. On CPU with few rows (decode steps) W @ x^T is much faster than F.linear's
+    x @ W^T (measured ~3x for the output head); same math, same autograd."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not x.is_cuda and 0 < rows <= 32 and x.dim() >= 2:
+        flat = x.reshape(rows, x.shape[-1])
+        return torch.mm(weight, flat.t()).t().reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
 def _init_weight(w: torch.Tensor, std: float) -> None:
     nn.init.normal_(w, mean=0.0, std=std)
 
@@ -185,7 +195,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sp(x, self.tp_group, dim=1)
         else:
             x = copy_to_tp(x, self.tp_group)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
@@ -209,7 +219,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             return reduce_scatter_to_sp(y, self.tp_group, dim=1)
         return reduce_from_tp(y, self.tp_group)

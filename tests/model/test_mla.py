@@ -235,8 +235,11 @@ def test_cache_naive_flag_selects_the_naive_path(monkeypatch):
     with torch.no_grad():
         model(tokens, cache=MLACache(cfg, 1, 4, naive=True))
     assert calls == {"naive": cfg.num_layers, "absorbed": 0}
-    with torch.no_grad():
-        model(tokens, cache=MLACache(cfg, 1, 4))
+    with torch.no_grad():  # a prompt prefill runs fused SDPA; the decode step runs absorbed
+        cache = MLACache(cfg, 1, 5)
+        model(tokens, cache=cache)
+        assert calls == {"naive": cfg.num_layers, "absorbed": 0}
+        model(tokens[:, :1], cache=cache)
     assert calls == {"naive": cfg.num_layers, "absorbed": cfg.num_layers}
 
 
