@@ -1,0 +1,412 @@
+// CPU kernels of the megads:: ops (schemas in registration.cpp, reference in
+// megads/ops/reference.py). Parallel over tokens with at::parallel_for (OpenMP in torch's
+// builds); row loops are written so that the compiler vectorises them (-O3).
+//
+// Bit-compatibility with the reference where it is cheap: scores come from ATen (common.h);
+// the weighted combine and the gradient of permute add each token's rows in ascending row
+// order, as index_add does, so float32 results match the torch path exactly.
+#include "common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace megads {
+namespace {
+
+using at::Tensor;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// at::empty for the big row buffers (x_sorted, y, gradients), advised to use transparent huge
+// pages before their first touch. A fresh multi-MiB buffer otherwise takes one page fault per
+// 4 KiB on its first write, which on small machines costs several times the copy itself. Only
+// advice: no effect where THP is off (and THP_MEM_ALLOC_ENABLE=1 does the same for all of torch).
+Tensor empty_rows(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t n = t.nbytes();
+  if (n >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + n) & ~(kHuge - 1);
+    if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+// ------------------------------------------------------------------------------------------
+// routing
+
+// Indices of the k largest of v[0..n) into ti (values into tv), in descending order; equal
+// values keep ascending index order, so the lower index wins a tie (= a stable descending sort).
+template <typename V>
+inline void topk_stable(const V* v, int64_t n, int64_t k, V* tv, int64_t* ti) {
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const V x = v[i];
+    if (cnt == k && !(x > tv[k - 1])) continue;
+    int64_t p = cnt < k ? cnt++ : k - 1;
+    for (; p > 0 && x > tv[p - 1]; --p) {
+      tv[p] = tv[p - 1];
+      ti[p] = ti[p - 1];
+    }
+    tv[p] = x;
+    ti[p] = i;
+  }
+}
+
+template <typename acc_t>
+void route_kernel(const acc_t* scores, const acc_t* bias, int64_t T, int64_t E, int64_t k, int64_t G, int64_t tg,
+                  acc_t route_scale, bool norm, acc_t* weights, int64_t* indices) {
+  const int64_t gs = E / G;  // experts per group
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sel(E), gscore(G), tv(std::max(k, tg));
+    std::vector<int64_t> ti(std::max(k, tg));
+    std::vector<char> keep(G);
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* s = scores + t * E;
+      for (int64_t e = 0; e < E; ++e) {
+        const acc_t v = bias ? s[e] + bias[e] : s[e];
+        sel[e] = std::isnan(v) ? -neg_inf : v;  // NaN ranks first, as in torch.sort(descending=True)
+      }
+      if (G > 1) {  // group-limited: keep the tg best groups, mask out the others
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t* p = sel.data() + g * gs;
+          acc_t m1 = p[0], m2 = neg_inf;
+          for (int64_t i = 1; i < gs; ++i) {
+            if (p[i] > m1) {
+              m2 = m1;
+              m1 = p[i];
+            } else if (p[i] > m2) {
+              m2 = p[i];
+            }
+          }
+          // V3 (with bias): sum of the top-2; V2 (no bias): the max; a group of one: its score
+          const acc_t v = (bias && gs > 1) ? m1 + m2 : m1;
+          gscore[g] = std::isnan(v) ? -neg_inf : v;
+        }
+        topk_stable(gscore.data(), G, tg, tv.data(), ti.data());
+        std::fill(keep.begin(), keep.end(), 0);
+        for (int64_t i = 0; i < tg; ++i) keep[ti[i]] = 1;
+        for (int64_t g = 0; g < G; ++g)
+          if (!keep[g]) std::fill(sel.begin() + g * gs, sel.begin() + (g + 1) * gs, neg_inf);
+      }
+      topk_stable(sel.data(), E, k, tv.data(), ti.data());
+      acc_t* w = weights + t * k;
+      int64_t* idx = indices + t * k;
+      acc_t sum = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        idx[j] = ti[j];
+        w[j] = s[ti[j]];  // weights from the unbiased scores
+        sum += w[j];
+      }
+      if (norm) {
+        const acc_t denom = sum + acc_t(1e-20);
+        for (int64_t j = 0; j < k; ++j) w[j] = w[j] / denom;
+      }
+      for (int64_t j = 0; j < k; ++j) w[j] = w[j] * route_scale;
+    }
+  });
+}
+
+// d scores (dense, zero-initialised [T, E]) from d weights, through the normalisation.
+template <typename acc_t>
+void route_backward_kernel(const acc_t* grad_w, const acc_t* scores, const int64_t* indices, int64_t T, int64_t E,
+                           int64_t k, acc_t route_scale, bool norm, acc_t* grad_s) {
+  // a few flops per (token, slot): threads only pay off for very large batches
+  at::parallel_for(0, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* gw = grad_w + t * k;
+      const int64_t* idx = indices + t * k;
+      const acc_t* s = scores + t * E;
+      acc_t* ds = grad_s + t * E;
+      if (!norm) {
+        for (int64_t j = 0; j < k; ++j) ds[idx[j]] += gw[j] * route_scale;
+        continue;
+      }
+      // w_j = rs * g_j / D, D = sum_i g_i + 1e-20  =>  dg_j = rs*gw_j/D - sum_i rs*gw_i*g_i/D^2
+      acc_t sum = 0;
+      for (int64_t j = 0; j < k; ++j) sum += s[idx[j]];
+      const acc_t D = sum + acc_t(1e-20);
+      acc_t gD = 0;
+      for (int64_t j = 0; j < k; ++j) gD += -(gw[j] * route_scale) * ((s[idx[j]] / D) / D);
+      for (int64_t j = 0; j < k; ++j) ds[idx[j]] += (gw[j] * route_scale) / D + gD;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> route_cpu(const Tensor& logits, const std::optional<Tensor>& bias, int64_t top_k,
+                                             int64_t n_group, int64_t topk_group, c10::string_view score_func,
+                                             double route_scale, bool norm_topk_prob) {
+  check_route_args(logits, bias, top_k, n_group, topk_group);
+  const bool softmax = parse_score_func(score_func);
+  const int64_t T = logits.size(0), E = logits.size(1), k = top_k;
+  const int64_t G = n_group > 1 ? n_group : 1, tg = n_group > 1 ? topk_group : 1;
+  Tensor s = router_scores(logits, softmax);
+  Tensor b = bias.has_value() ? bias->to(s.scalar_type()).contiguous() : Tensor();
+  Tensor w = at::empty({T, k}, s.options());
+  Tensor idx = at::empty({T, k}, logits.options().dtype(at::kLong));
+  Tensor counts = at::zeros({E}, logits.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "megads_route_cpu", [&] {
+    route_kernel<scalar_t>(s.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, T, E,
+                           k, G, tg, static_cast<scalar_t>(route_scale), norm_topk_prob, w.data_ptr<scalar_t>(),
+                           idx.data_ptr<int64_t>());
+  });
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * k; ++i) ++cp[ip[i]];
+  return {w, idx, counts};
+}
+
+Tensor route_backward_cpu(const Tensor& grad_weights, const Tensor& logits, const Tensor& indices,
+                          c10::string_view score_func, double route_scale, bool norm_topk_prob) {
+  const bool softmax = parse_score_func(score_func);
+  const int64_t T = logits.size(0), E = logits.size(1), k = indices.size(1);
+  TORCH_CHECK(grad_weights.sizes() == indices.sizes() && indices.size(0) == T,
+              "megads::route_backward: grad_weights and indices must be [T, k]");
+  Tensor s = router_scores(logits, softmax);
+  Tensor gw = grad_weights.to(s.scalar_type()).contiguous();
+  Tensor idx = indices.to(at::kLong).contiguous();
+  Tensor ds = at::zeros({T, E}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "megads_route_backward_cpu", [&] {
+    route_backward_kernel<scalar_t>(gw.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                    idx.const_data_ptr<int64_t>(), T, E, k, static_cast<scalar_t>(route_scale),
+                                    norm_topk_prob, ds.data_ptr<scalar_t>());
+  });
+  return scores_backward(ds, s, softmax, logits.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------
+// dispatch
+
+// Stable counting sort of the flat (token, slot) expert ids: histograms per chunk of the flat
+// range, a prefix sum in (expert, chunk) order, then a scatter per chunk. Rows are copied after.
+std::tuple<Tensor, Tensor, Tensor, Tensor> permute_cpu(const Tensor& x_in, const Tensor& indices_in,
+                                                       int64_t num_experts) {
+  check_permute_args(x_in, indices_in, num_experts);
+  const Tensor x = x_in.contiguous();
+  const Tensor indices = indices_in.to(at::kLong).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), k = indices.size(1), N = T * k, E = num_experts;
+  Tensor x_sorted = empty_rows({N, H}, x.options());
+  Tensor offsets = at::empty({E + 1}, indices.options());
+  Tensor order = at::empty({N}, indices.options());
+  Tensor inv = at::empty({N}, indices.options());
+
+  const int64_t* flat = indices.const_data_ptr<int64_t>();
+  int64_t* ord = order.data_ptr<int64_t>();
+  int64_t* iv = inv.data_ptr<int64_t>();
+  int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 4096));
+  const int64_t chunk = std::max<int64_t>(1, divup(N, nchunks));
+  std::vector<int64_t> hist(nchunks * E, 0);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      int64_t* h = hist.data() + c * E;
+      for (int64_t i = c * chunk, end = std::min(N, (c + 1) * chunk); i < end; ++i) {
+        const int64_t e = flat[i];
+        if (e < 0 || e >= E) {
+          bad = true;
+          continue;
+        }
+        ++h[e];
+      }
+    }
+  });
+  TORCH_CHECK(!bad, "megads::permute: expert indices must be in [0, ", E, ")");
+  int64_t run = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    off[e] = run;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t n = hist[c * E + e];
+      hist[c * E + e] = run;
+      run += n;
+    }
+  }
+  off[E] = run;
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      int64_t* h = hist.data() + c * E;
+      for (int64_t i = c * chunk, end = std::min(N, (c + 1) * chunk); i < end; ++i) {
+        const int64_t pos = h[flat[i]]++;
+        ord[pos] = i;
+        iv[i] = pos;
+      }
+    }
+  });
+  const size_t row_bytes = static_cast<size_t>(H) * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(x_sorted.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<size_t>(row_bytes, 1));
+  at::parallel_for(0, N, grain, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) std::memcpy(dst + r * row_bytes, src + (ord[r] / k) * row_bytes, row_bytes);
+  });
+  return {x_sorted, offsets, order, inv};
+}
+
+// out[t] = sum_j w[t, j] * src[inv[t*k + j]] (w == nullptr: plain sum), accumulated in acc_t in
+// ascending row order (the order index_add adds them in), rounded to scalar_t once at the end.
+template <typename scalar_t>
+void gather_rows_sum(const scalar_t* src, const int64_t* inv, const typename Acc<scalar_t>::type* w, int64_t T,
+                     int64_t k, int64_t H, scalar_t* out) {
+  using acc_t = typename Acc<scalar_t>::type;
+  constexpr bool same = std::is_same<scalar_t, acc_t>::value;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k * H, 1));
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(same ? 0 : H);
+    std::vector<std::pair<int64_t, acc_t>> rows(k);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; j < k; ++j) rows[j] = {inv[t * k + j], w ? w[t * k + j] : acc_t(1)};
+      for (int64_t j = 1; j < k; ++j)  // insertion sort by row: k is small
+        for (int64_t i = j; i > 0 && rows[i].first < rows[i - 1].first; --i) std::swap(rows[i], rows[i - 1]);
+      acc_t* __restrict__ acc = same ? reinterpret_cast<acc_t*>(out + t * H) : buf.data();
+      for (int64_t j = 0; j < k; ++j) {
+        const scalar_t* __restrict__ y = src + rows[j].first * H;
+        const acc_t wj = rows[j].second;
+        if (j == 0) {
+          if (w) {
+            for (int64_t h = 0; h < H; ++h) acc[h] = static_cast<acc_t>(y[h]) * wj;
+          } else {
+            for (int64_t h = 0; h < H; ++h) acc[h] = static_cast<acc_t>(y[h]);
+          }
+        } else if (w) {
+          for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(y[h]) * wj;
+        } else {
+          for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(y[h]);
+        }
+      }
+      if (k == 0) std::fill(acc, acc + H, acc_t(0));
+      if (!same) {
+        scalar_t* o = out + t * H;
+        for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(acc[h]);
+      }
+    }
+  });
+}
+
+Tensor permute_backward_cpu(const Tensor& grad_x_sorted, const Tensor& inv_in, int64_t top_k) {
+  TORCH_CHECK(grad_x_sorted.dim() == 2 && top_k >= 1 && grad_x_sorted.size(0) % top_k == 0 &&
+                  inv_in.numel() == grad_x_sorted.size(0),
+              "megads::permute_backward: bad shapes");
+  const Tensor g = grad_x_sorted.contiguous();
+  const Tensor inv = inv_in.contiguous();
+  const int64_t k = top_k, T = g.size(0) / k, H = g.size(1);
+  Tensor out = empty_rows({T, H}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "megads_permute_backward_cpu", [&] {
+    gather_rows_sum<scalar_t>(g.const_data_ptr<scalar_t>(), inv.const_data_ptr<int64_t>(), nullptr, T, k, H,
+                              out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+Tensor unpermute_cpu(const Tensor& y_sorted_in, const Tensor& weights, const Tensor& inv_in) {
+  check_unpermute_args(y_sorted_in, weights, inv_in);
+  const Tensor ys = y_sorted_in.contiguous();
+  const Tensor inv = inv_in.contiguous();
+  const Tensor w = weights.to(acc_type(ys.scalar_type())).contiguous();
+  const int64_t T = weights.size(0), k = weights.size(1), H = ys.size(1);
+  Tensor out = empty_rows({T, H}, ys.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ys.scalar_type(), "megads_unpermute_cpu", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    gather_rows_sum<scalar_t>(ys.const_data_ptr<scalar_t>(), inv.const_data_ptr<int64_t>(), w.const_data_ptr<acc_t>(),
+                              T, k, H, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// Per (token, slot): d y_sorted[row] = w * dy[t]; d w = <dy[t], y_sorted[row]>. Each row is
+// written by exactly one (token, slot), so no atomics; the dot uses 16 partial sums (vectorised).
+template <typename scalar_t>
+void unpermute_backward_kernel(const scalar_t* gy, const scalar_t* ys, const typename Acc<scalar_t>::type* w,
+                               const int64_t* inv, int64_t T, int64_t k, int64_t H, scalar_t* gys,
+                               typename Acc<scalar_t>::type* gw) {
+  using acc_t = typename Acc<scalar_t>::type;
+  constexpr int64_t L = 16;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k * H, 1));
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gbuf(H);
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* g_row = gy + t * H;
+      for (int64_t h = 0; h < H; ++h) gbuf[h] = static_cast<acc_t>(g_row[h]);
+      const acc_t* __restrict__ g = gbuf.data();
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = inv[t * k + j];
+        const acc_t wj = w[t * k + j];
+        const scalar_t* __restrict__ y = ys + r * H;
+        scalar_t* __restrict__ d = gys + r * H;
+        acc_t part[L] = {};
+        int64_t h = 0;
+        for (; h + L <= H; h += L) {
+          for (int64_t l = 0; l < L; ++l) {
+            d[h + l] = static_cast<scalar_t>(g[h + l] * wj);
+            part[l] += g[h + l] * static_cast<acc_t>(y[h + l]);
+          }
+        }
+        for (; h < H; ++h) {
+          d[h] = static_cast<scalar_t>(g[h] * wj);
+          part[0] += g[h] * static_cast<acc_t>(y[h]);
+        }
+        acc_t dot = 0;
+        for (int64_t l = 0; l < L; ++l) dot += part[l];
+        gw[t * k + j] = dot;
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_y, const Tensor& y_sorted_in,
+                                                  const Tensor& weights, const Tensor& inv_in) {
+  check_unpermute_args(y_sorted_in, weights, inv_in);
+  const Tensor ys = y_sorted_in.contiguous();
+  const Tensor gy = grad_y.to(ys.scalar_type()).contiguous();
+  const Tensor inv = inv_in.contiguous();
+  const auto acc = acc_type(ys.scalar_type());
+  const Tensor w = weights.to(acc).contiguous();
+  const int64_t T = weights.size(0), k = weights.size(1), H = ys.size(1);
+  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == T && gy.size(1) == H, "megads::unpermute_backward: grad_y must be [", T,
+              ", ", H, "], got ", gy.sizes());
+  Tensor gys = empty_rows(ys.sizes(), ys.options());
+  Tensor gw = at::empty({T, k}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ys.scalar_type(), "megads_unpermute_backward_cpu", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    unpermute_backward_kernel<scalar_t>(gy.const_data_ptr<scalar_t>(), ys.const_data_ptr<scalar_t>(),
+                                        w.const_data_ptr<acc_t>(), inv.const_data_ptr<int64_t>(), T, k, H,
+                                        gys.data_ptr<scalar_t>(), gw.data_ptr<acc_t>());
+  });
+  return {gys, gw.to(weights.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(megads, CPU, m) {
+  m.impl("route", &route_cpu);
+  m.impl("route_backward", &route_backward_cpu);
+  m.impl("permute", &permute_cpu);
+  m.impl("permute_backward", &permute_backward_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+  m.impl("unpermute_backward", &unpermute_backward_cpu);
+}
+
+}  // namespace megads

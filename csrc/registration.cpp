@@ -1,0 +1,32 @@
+// Schemas of the megads:: custom ops and the Python module entry point of megads._C.
+//
+// Importing megads._C runs the static registrations below (and the CPU/CUDA kernels in
+// cpu_ops.cpp / cuda_ops.cpp). Autograd formulas and fake (meta) kernels are registered from
+// Python in megads/ops/native.py, next to the reference they must agree with.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(megads, m) {
+  // logits [T, E], bias [E]? -> weights [T, k] (float32; float64 for float64 logits),
+  // indices [T, k] int64, counts [E] int64
+  m.def("route(Tensor logits, Tensor? bias, int top_k, int n_group, int topk_group, str score_func, "
+        "float route_scale, bool norm_topk_prob) -> (Tensor, Tensor, Tensor)");
+  // d weights [T, k] -> d logits [T, E] (logits' dtype)
+  m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor indices, str score_func, float route_scale, "
+        "bool norm_topk_prob) -> Tensor");
+  // x [T, H], indices [T, k] -> x_sorted [T*k, H], offsets [E+1], order [T*k], inv [T*k]
+  // order[r] = flat (token, slot) of sorted row r; inv is its inverse: inv[t*k + j] = row of (t, j)
+  m.def("permute(Tensor x, Tensor indices, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
+  // d x_sorted [T*k, H] -> d x [T, H]
+  m.def("permute_backward(Tensor grad_x_sorted, Tensor inv, int top_k) -> Tensor");
+  // y_sorted [T*k, H], weights [T, k], inv [T*k] -> y [T, H] (y_sorted's dtype)
+  m.def("unpermute(Tensor y_sorted, Tensor weights, Tensor inv) -> Tensor");
+  // d y [T, H] -> (d y_sorted [T*k, H], d weights [T, k])
+  m.def("unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor weights, Tensor inv) -> (Tensor, Tensor)");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "megads._C",
+                               "megads native MoE routing and dispatch ops (torch.ops.megads.*)", -1, nullptr};
+  return PyModule_Create(&module);
+}
