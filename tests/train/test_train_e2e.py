@@ -131,3 +131,13 @@ def test_missing_data_is_a_clear_error(corpus, tmp_path):
     r = megads(*train_args(corpus, tmp_path, extra=[f"data.paths=[{tmp_path / 'nope'}]"]))
     assert r.returncode == 2
     assert "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_cli_from_the_final_model(reference):
+    out, _, _ = reference
+    r = megads("generate", "--checkpoint", str(out / "final"), "--prompt", "def", "--prompt", "# doc 1",
+               "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--- prompt 0: 'def'" in r.stdout and "--- prompt 1: '# doc 1'" in r.stdout
+    r = megads("generate", "--checkpoint", str(out / "nope"))
+    assert r.returncode == 2 and "nope" in r.stderr
