@@ -16,15 +16,6 @@ from megads.model.rope import RotaryEmbedding
 from megads.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and keeps a shared 2-core machine usable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_layers=2,
                 first_k_dense=1, num_heads=3, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,

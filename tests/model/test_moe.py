@@ -16,15 +16,6 @@ from megads.model.transformer import Transformer
 from megads.ops import reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and keeps a shared 2-core machine usable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def moe_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=53, hidden_size=16, intermediate_size=24, moe_intermediate_size=8, num_layers=3,
                 first_k_dense=1, num_heads=2, q_lora_rank=0, kv_lora_rank=8, qk_nope_head_dim=4,

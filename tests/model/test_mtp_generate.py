@@ -11,15 +11,6 @@ from megads.model.generate import sample_next
 from megads.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and keeps a shared 2-core machine usable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg_for(**kw) -> ModelConfig:
     base = dict(vocab_size=57, hidden_size=24, intermediate_size=40, moe_intermediate_size=12, num_layers=2,
                 first_k_dense=1, num_heads=2, q_lora_rank=10, kv_lora_rank=12, qk_nope_head_dim=6,
