@@ -67,7 +67,15 @@ def _cmd_generate(args) -> int:
 def _cmd_train(args) -> int:
     from megads.train.trainer import run_training
 
-    return run_training(args.config, args.set, resume=args.resume)
+    code = run_training(args.config, args.set, resume=args.resume)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "PMI_SIZE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        # the process group is torn down; leave without C++ static destructors, where a helper
+        # thread of gloo/DeepSpeed still joinable at exit can abort() a finished run
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _cmd_prepare(args) -> int:
