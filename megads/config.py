@@ -289,7 +289,8 @@ def _fill(section_obj, mapping: dict, where: str, src: str) -> None:
         setattr(section_obj, key, _check_type(value, hints[key], f"{where}.{key}", src))
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from a file; ConfigError (naming file and line) otherwise."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -318,7 +319,7 @@ def preset_path(name: str) -> Path:
 def load_model_preset(name: str) -> ModelConfig:
     path = preset_path(name)
     cfg = ModelConfig()
-    _fill(cfg, _read_yaml(path), "model", f"{path}: ")
+    _fill(cfg, read_yaml(path), "model", f"{path}: ")
     cfg.validate()
     return cfg
 
@@ -352,7 +353,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file() and (PRESET_DIR / f"{path}.yaml").is_file():
             p = PRESET_DIR / f"{path}.yaml"
-        data = _read_yaml(p)
+        data = read_yaml(p)
         src = f"{p}: "
         if p.parent.resolve() == PRESET_DIR.resolve() or not (set(data) & set(SECTIONS)):
             data = {"model": data}  # a bare model preset

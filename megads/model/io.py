@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megads.config import ModelConfig, model_config_from_dict
+from megads.config import ModelConfig, model_config_from_dict, read_yaml
 from megads.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.yaml"
@@ -75,12 +75,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: not found (a megads checkpoint has config.yaml and model.safetensors)")
     try:
-        with open(cfg_path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{cfg_path}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg_path}: expected a mapping of ModelConfig fields")
+        data = read_yaml(cfg_path)  # config.py's reader: YAML errors name file and line
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     data = data.get("model", data) if isinstance(data.get("model"), dict) else data
     try:
         return model_config_from_dict(data)
