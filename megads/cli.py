@@ -15,6 +15,16 @@ from megads.errors import ConfigError, MegadsError
 log = logging.getLogger("megads")
 
 
+def _report(e: MegadsError) -> int:
+    """One line on stderr; an error every rank raised alike (a config error, a refused output dir,
+    a damaged checkpoint) is said by rank 0 alone. Returns the exit code."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or not getattr(e, "every_rank", isinstance(e, ConfigError)):
+        prefix = "" if rank == "0" else f"[rank {rank}] "
+        print(f"{prefix}megads: error: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+
+
 def _cmd_model_info(args) -> int:
     from megads.config import load_config
     from megads.model.info import format_info, model_info
@@ -67,7 +77,10 @@ def _cmd_generate(args) -> int:
 def _cmd_train(args) -> int:
     from megads.train.trainer import run_training
 
-    code = run_training(args.config, args.set, resume=args.resume)
+    try:
+        code = run_training(args.config, args.set, resume=args.resume, force=args.force)
+    except MegadsError as e:
+        code = _report(e)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "PMI_SIZE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
         # the process group is torn down; leave without C++ static destructors, where a helper
         # thread of gloo/DeepSpeed still joinable at exit can abort() a finished run
@@ -113,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--resume", default="auto",
                     help="checkpoint dir to resume from; 'auto' = latest in train.output_dir; 'none' = fresh")
+    sp.add_argument("--force", action="store_true",
+                    help="start fresh over a previous run in train.output_dir (removing its checkpoints, final/ "
+                         "and metrics), or resume with changed training settings")
     sp.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     sp.set_defaults(func=_cmd_train)
 
@@ -151,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MegadsError as e:
-        rank = os.environ.get("RANK", "0")
-        # every rank hits the same config error: rank 0 says it, every rank exits cleanly
-        if rank == "0" or not isinstance(e, ConfigError):
-            prefix = "" if rank == "0" else f"[rank {rank}] "
-            print(f"{prefix}megads: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _report(e)
     except KeyboardInterrupt:
         print("megads: interrupted", file=sys.stderr)
         return 130

@@ -154,7 +154,9 @@ class TrainConfig:
     seed: int = 1234
     output_dir: str = "runs/default"
     save_interval: int = 50
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept (older ones are removed after a new one is complete)
+    save_on_signal: bool = True  # SIGTERM/SIGINT: finish the step, save, exit 143/130
+    verify_on_resume: bool = True  # check every file's SHA-256 against the manifest before resuming
     eval_interval: int = 50
     eval_iters: int = 4
     log_interval: int = 1

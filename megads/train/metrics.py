@@ -49,8 +49,10 @@ class Metrics:
     """Writes on rank 0 only; other ranks get a no-op object."""
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
-                 start_step: int):
+                 start_step: int, run_id: str = ""):
         self.enabled = enabled
+        self.run_id = run_id
+        self._write_failed = False
         self.writer = None
         self.bar = None
         self.file = None
@@ -75,8 +77,7 @@ class Metrics:
     def log_step(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._append(record)
         step = record["step"]
         if self.writer is not None:
             for k, v in record.items():
@@ -91,12 +92,22 @@ class Metrics:
         if not self.enabled:
             return
         rec = {"step": step, "valid_loss": loss, "valid_ppl": float(np.exp(min(loss, 50.0)))}
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        self._append(rec)
         if self.writer is not None:
             self.writer.add_scalar("valid/loss", loss, step)
             self.writer.add_scalar("valid/ppl", rec["valid_ppl"], step)
         self.write(f"step {step}: valid loss {loss:.4f}, ppl {rec['valid_ppl']:.2f}")
+
+    def _append(self, record: dict) -> None:
+        """One JSON line carrying the run id; a failed write (disk full) is reported once, not fatal:
+        the checkpoint save is what must not fail silently."""
+        try:
+            self.file.write(json.dumps({**record, "run_id": self.run_id}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            if not self._write_failed:
+                log.warning("metrics.jsonl: write failed (%s); metrics of this run may be incomplete", e.strerror)
+            self._write_failed = True
 
     def log_expert_heatmap(self, step: int, load: np.ndarray) -> None:
         if self.enabled and self.writer is not None:
@@ -117,4 +128,7 @@ class Metrics:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass

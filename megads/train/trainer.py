@@ -21,13 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megads.checkpoint import compat
+from megads.checkpoint import store as ckpt
 from megads.config import Config, load_config
 from megads.errors import ConfigError, MegadsError
 from megads.model import Transformer
 from megads.model.info import flops_per_token
 from megads.parallel import state as pstate
-from megads.train import checkpoint as ckpt
+from megads.runtime import rundir
+from megads.runtime.signals import GracefulStop
 from megads.train.metrics import Metrics, measure_peak_flops
+from megads.train.resume import plan_run
 from megads.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -72,8 +76,11 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto", datasets=None):
-        """datasets: optional (train, valid, tokenizer) to use instead of cfg.data (tests)."""
+    def __init__(self, cfg: Config, resume: str = "auto", datasets=None, force: bool = False,
+                 stop: GracefulStop | None = None):
+        """datasets: optional (train, valid, tokenizer) to use instead of cfg.data (tests).
+        force: start fresh over a previous run in output_dir (removing it), or resume with changed
+        training settings. stop: the signal handler asked at the end of every step."""
         import deepspeed
 
         self.cfg = cfg
@@ -86,6 +93,18 @@ class Trainer:
         self.dp = self.ps.layout.dp
         self.dp_rank = self.ps.dp_rank
         self.ds_config = deepspeed_config(cfg, self.dp)
+        self.stop = stop
+        # before anything is built or written: the output dir's lock, what to resume, and whether
+        # the checkpoint fits this config (all collective: every rank gets the same answer)
+        self.lock = None
+        resume_path, self.run_id, notes = self._open_run_dir(resume, force)
+        state = None
+        if resume_path is not None:
+            state = ckpt.read_trainer_state(resume_path, cfg.train.verify_on_resume)
+            changes = compat.check(state.get("config", {}), cfg.to_dict(), state.get("layout"),
+                                   dict(vars(self.ps.layout)), str(resume_path), force)
+            notes += [f"resume: {k} changed {o!r} -> {n!r}" for k, o, n in changes]
+            self.run_id = state.get("run_id") or self.run_id
         self.gas = self.ds_config["gradient_accumulation_steps"]
         t = cfg.train
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -117,13 +136,19 @@ class Trainer:
         self.step = 0
         self.bad_total = 0
         self.history: list[dict] = []  # every step's record (all ranks), for tests and tools
-        resume_path = self._resume_path(resume)
         if resume_path is not None:
-            st = ckpt.load_checkpoint(self.engine, resume_path, self._rank_state())
-            self.step, self.bad_total = st["step"], st.get("bad_steps_total", 0)
-        self.metrics = Metrics(t.output_dir, self.rank == 0, t.tensorboard, t.progress, t.max_steps, self.step)
+            ckpt.load_checkpoint(self.engine, resume_path, self._rank_state())
+            self.step, self.bad_total = state["step"], state.get("bad_steps_total", 0)
+        self.start_step = self.step
+        self.resumed_from = resume_path
+        self.metrics = Metrics(t.output_dir, self.rank == 0, t.tensorboard, t.progress, t.max_steps, self.step,
+                               run_id=self.run_id)
+        for n in notes:
+            self.metrics.write(n)
         if resume_path is not None:
-            self.metrics.write(f"resumed from {resume_path} at step {self.step}")
+            self.metrics.write(f"resumed from {resume_path} at step {self.step} (run {self.run_id} continues)")
+        else:
+            self.metrics.write(f"run {self.run_id}: fresh start in {t.output_dir}")
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak = measure_peak_flops() if self.rank == 0 else 1.0
         self.fault_nan = {int(s) for s in os.environ.get("MEGADS_FAULT_NAN_STEPS", "").split(",") if s.strip()}
@@ -170,15 +195,33 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
 
-    def _resume_path(self, resume: str) -> Path | None:
-        if resume in (None, "", "none"):
-            return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.cfg.train.output_dir)
-        p = Path(resume)
-        if not p.is_dir():
-            raise MegadsError(f"--resume {resume}: no such checkpoint directory")
-        return p
+    def _open_run_dir(self, resume: str, force: bool) -> tuple[Path | None, str, list[str]]:
+        """Collective. Rank 0 locks the output dir and decides what to resume (see `plan_run`);
+        every rank gets (checkpoint or None, run id, notes to log) or raises the same error."""
+        out = self.cfg.train.output_dir
+        answer = None
+        if self.rank == 0:
+            run_id = rundir.new_run_id()
+            try:
+                self.lock = rundir.RunLock(out).acquire()
+                path, notes = plan_run(out, resume, force)
+                self.lock.announce(run_id)
+                answer = (str(path) if path else None, run_id, notes, None)
+            except MegadsError as e:
+                if self.lock is not None:
+                    self.lock.release(refused=True)
+                    self.lock = None
+                answer = (None, run_id, [], (type(e).__name__, str(e), e.exit_code))
+        if dist.is_initialized() and self.world > 1:
+            box = [answer]
+            dist.broadcast_object_list(box, src=0)
+            answer = box[0]
+        path, run_id, notes, err = answer
+        if err is not None:
+            e = MegadsError(err[1])
+            e.exit_code, e.every_rank = err[2], True
+            raise e
+        return (Path(path) if path else None), run_id, notes
 
     # ------------------------------------------------------------------ data
     def _batch(self, ds, step: int, micro: int, per_step: int):
@@ -270,10 +313,36 @@ class Trainer:
                 self.metrics.log_eval(self.step, self.evaluate())
             if self.step % t.save_interval == 0 or self.step == t.max_steps:
                 last_saved = self._save()
-        if last_saved is None:
+            if self._stop_requested():
+                return self._stop_now(last_saved)
+        if last_saved is None and self.step != self.start_step:
             self._save()
         self._finish()
         return 0
+
+    def _stop_requested(self) -> bool:
+        """Collective: did any rank get SIGTERM/SIGINT? One small all-reduce per step (a signal
+        may reach a single rank: `kill` of one process, or a launcher forwarding to its first
+        child first)."""
+        if self.stop is None:
+            return False
+        flag = torch.tensor([float(self.stop.requested() or 0)], device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        if signum and self.stop.requested() is None:
+            self.stop.signum = signum  # another rank's signal: exit with its code
+        return bool(signum)
+
+    def _stop_now(self, last_saved: Path | None) -> int:
+        """After a signal: save (unless this step was just saved), say where and how to resume."""
+        self.stop.saving = True
+        path = last_saved if last_saved is not None and last_saved.name == f"step-{self.step}" else self._save()
+        self.metrics.write(f"megads: stopped by {self.stop.name()} after step {self.step}: checkpoint {path}; "
+                           f"resume with the same command (--resume auto) or --resume {path}")
+        self._barrier()
+        self.metrics.close()
+        return self.stop.exit_code()
 
     def _dispatch_stats(self) -> dict:
         """All-to-all bytes per token (crossing ranks, crossing nodes) of this step's MoE layers."""
@@ -314,9 +383,9 @@ class Trainer:
         return self._mean_over_dp([total / max(1, t.eval_iters)])[0]
 
     def _save(self) -> Path:
-        state = {"step": self.step, "bad_steps_total": self.bad_total,
+        state = {"step": self.step, "bad_steps_total": self.bad_total, "run_id": self.run_id,
                  "consumed_samples": self.step * self.cfg.train.global_batch_size,
-                 "layout": vars(self.ps.layout), "config": self.cfg.to_dict()}
+                 "layout": dict(vars(self.ps.layout)), "config": self.cfg.to_dict()}
         if self.fault_kill_save == self.step:
             # test hook: die half-way through writing this checkpoint
             self.engine.save_checkpoint(str(ckpt.checkpoint_root(self.cfg.train.output_dir)),
@@ -377,7 +446,7 @@ class Trainer:
             self.metrics.write(f"--- {p!r}\n{p}{text}")
 
 
-def run_training(config_path, overrides, resume: str = "auto") -> int:
+def run_training(config_path, overrides, resume: str = "auto", force: bool = False) -> int:
     """`megads train`: start torch.distributed from the launcher's environment, watch the other
     ranks' heartbeats (a lost rank ends every survivor within parallel.timeout_s with a message
     naming it, instead of a hang), train, and leave together."""
@@ -385,13 +454,16 @@ def run_training(config_path, overrides, resume: str = "auto") -> int:
 
     cfg = load_config(config_path, overrides)
     pstate.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+    stop = GracefulStop(cfg.train.save_on_signal, announce=(dist.get_rank() if dist.is_initialized() else 0) == 0)
     watchdog = faults.start_watchdog(cfg.parallel.timeout_s)  # None in a world of one
     try:
-        trainer = Trainer(cfg, resume=resume)
+        trainer = Trainer(cfg, resume=resume, force=force, stop=stop if cfg.train.save_on_signal else None)
         code = trainer.train()
         faults.stop_watchdog(watchdog, barrier=True)  # no rank leaves while another still watches
         watchdog = None
         return code
+    except MegadsError:
+        raise
     except Exception as e:
         msg = faults.describe_collective_error(e) if dist.is_initialized() and dist.get_world_size() > 1 else None
         if msg is None:
@@ -400,6 +472,7 @@ def run_training(config_path, overrides, resume: str = "auto") -> int:
         faults.fail(msg)  # exits hard: the process group cannot be torn down cleanly now
         raise  # unreachable
     finally:
+        stop.restore()
         faults.stop_watchdog(watchdog)
         if dist.is_initialized():
             try:
