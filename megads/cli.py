@@ -101,6 +101,36 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_checkpoint_verify(args) -> int:
+    """Check checkpoints against their manifests: a step-N dir, a checkpoints/ dir or a run dir."""
+    from pathlib import Path
+
+    from megads.checkpoint import manifest, store
+
+    d = Path(args.dir)
+    if (d / manifest.COMPLETE).is_file() or (d / manifest.MANIFEST).is_file() or d.name.startswith(("step-", ".tmp-step-")):
+        targets = [d]
+    else:
+        out = d.parent if d.name == "checkpoints" else d
+        targets = [p for _, p, _ in store.step_dirs(str(out))]
+        if not targets:
+            raise MegadsError(f"{d}: no checkpoint here (expected a step-N dir, a checkpoints/ dir or a run dir)")
+    bad = 0
+    for t in targets:
+        try:
+            body = manifest.verify(t, checksums=not args.sizes_only)
+        except MegadsError as e:
+            print(f"BAD  {e}")
+            bad += 1
+            continue
+        files = body["files"]
+        size = sum(f["size"] for f in files.values())
+        what = "sizes" if args.sizes_only else "sizes and SHA-256"
+        print(f"OK   {t}: step {body.get('step')}, run {body.get('run_id')}, {len(files)} files, "
+              f"{size / 1e6:.1f} MB ({what} match the manifest)")
+    return 2 if bad else 0
+
+
 def _cmd_launch(args) -> int:
     from megads.train.launch import launch_local
 
@@ -141,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("prepare-data", help="build the builtin corpus, tokenizer and dataset of a config")
     with_config(sp)
     sp.set_defaults(func=_cmd_prepare)
+
+    sp = sub.add_parser("checkpoint", help="training checkpoint tools")
+    csub = sp.add_subparsers(dest="checkpoint_command", required=True)
+    v = csub.add_parser("verify", help="check every file of a checkpoint against its manifest (exit 2 if any is bad)")
+    v.add_argument("dir", help="a checkpoints/step-N dir, or a run's output dir / checkpoints dir (all of them)")
+    v.add_argument("--sizes-only", action="store_true", help="compare sizes only, skip the SHA-256 pass")
+    v.set_defaults(func=_cmd_checkpoint_verify)
 
     sp = sub.add_parser("generate", help="sample from a megads or HF checkpoint")
     sp.add_argument("--checkpoint", required=True, help="megads model dir (config.yaml + model.safetensors) or HF dir")

@@ -23,6 +23,11 @@ Layout differences handled here (each exact, no arithmetic on the weights):
   the published V3 checkpoint carries (shared_head.head, embed_tokens).
 - FP8 checkpoints (the published V3 weights): `X.weight` in float8_e4m3fn with its block scales
   `X.weight_scale_inv` are dequantized on the fly.
+
+Both conversions check every tensor they write is finite (a CheckpointError names the first one
+that is not), copy the tokenizer files of the source directory along (the export adds what
+`AutoTokenizer.from_pretrained` needs), write files with the default mode (0644 under umask 022),
+and remove what they wrote when they fail (the whole destination when they created it).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +53,9 @@ ARCHITECTURES = {V2: "DeepseekV2ForCausalLM", V3: "DeepseekV3ForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 10**9
+# tokenizer files (HF names) that travel with a checkpoint; megads's own tokenizer is the first two
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 # Values the transformers config classes use for keys a config.json leaves out.
 _DEFAULTS = {
@@ -341,6 +350,38 @@ def _convert(t: torch.Tensor, kind: str, cfg: ModelConfig, interleaved: bool, to
     return t
 
 
+# =============================================================================== finite check
+
+_FINITE_CHUNK = 1 << 24  # elements per isfinite mask: bounded extra memory whatever the tensor's size
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    """How many values of `t` are inf or NaN (0 for integer tensors), counted chunk by chunk."""
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    bad = 0
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        c = flat[i:i + _FINITE_CHUNK]
+        if c.element_size() == 1:
+            c = c.float()  # float8: isfinite has no kernel for it
+        bad += c.numel() - int(torch.isfinite(c).sum())
+    return bad
+
+
+def _check_finite(t: torch.Tensor, where, name: str, source: torch.Tensor | None = None) -> None:
+    """CheckpointError naming `name` (already quoted) when `t` holds inf/NaN. `source` is the tensor
+    `t` was cast from, to tell an overflow of the cast from values broken at the source."""
+    n = _nonfinite(t)
+    if not n:
+        return
+    cast = ""
+    if source is not None and source.dtype != t.dtype and not _nonfinite(source):
+        cast = f" after the cast to {str(t.dtype).replace('torch.', '')}"
+    raise CheckpointError(f"{where}: tensor {name} has {n} non-finite value{'s' if n > 1 else ''} "
+                          f"(inf/NaN){cast}; refusing to convert")
+
+
 # =============================================================================== reading HF
 
 class _HFReader:
@@ -427,8 +468,11 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A megads Transformer with the weights of an HF DeepSeek-V2/V3 directory (streamed)."""
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu", check_finite: bool = False):
+    """A megads Transformer with the weights of an HF DeepSeek-V2/V3 directory (streamed).
+
+    check_finite: raise CheckpointError on the first tensor holding inf/NaN once cast to `dtype`.
+    """
     from megads.model.io import empty_model
 
     path = Path(path)
@@ -445,7 +489,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cp
             cfg.mtp_depth = present
         model = empty_model(cfg, dtype, device)
         interleaved = d.get("model_type") == V2 or bool(d.get("rope_interleave", True))
-        _fill(model, cfg, reader, interleaved)
+        _fill(model, cfg, reader, interleaved, check_finite)
     finally:
         reader.close()
     return model
@@ -456,7 +500,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|_scale_inv)$")
 
 
-def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool) -> None:
+def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool, check_finite: bool = False) -> None:
     targets = model.state_dict(keep_vars=True)
     every = weight_map(cfg)
     entries = [e for e in every if not e.export_only]
@@ -469,13 +513,16 @@ def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool) -> None
     filled: set[tuple[str, int | None]] = set()
     n_layers = cfg.num_layers + cfg.mtp_depth
 
-    def put(md: str, t: torch.Tensor, expert: int | None, src: str) -> None:
+    def put(md: str, t: torch.Tensor, expert: int | None, src: str, fused: bool = False) -> None:
         dst = targets[md] if expert is None else targets[md][expert]
         if tuple(t.shape) != tuple(dst.shape):
             raise CheckpointError(f"{reader.path}: tensor {src!r} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(dst.shape)} from config.json")
         with torch.no_grad():
             dst.copy_(t)
+        if check_finite:  # the value as written (after the cast to the model's dtype)
+            label = f"{src!r}" + (f" (expert {expert})" if fused else "")
+            _check_finite(dst, reader.path / reader.where[src], label, source=t)
         filled.add((md, expert))
 
     for name in reader.names():
@@ -494,11 +541,11 @@ def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool) -> None
                                           f"expected [E, {2 * I}, D]")
                 w1, w3 = t[:, :I], t[:, I:]
                 for e_ in range(cfg.n_routed_experts):
-                    put(g + "experts.w1", w1[e_], e_, name)
-                    put(g + "experts.w3", w3[e_], e_, name)
+                    put(g + "experts.w1", w1[e_], e_, name, fused=True)
+                    put(g + "experts.w3", w3[e_], e_, name, fused=True)
             else:
                 for e_ in range(cfg.n_routed_experts):
-                    put(g + "experts.w2", t[e_], e_, name)
+                    put(g + "experts.w2", t[e_], e_, name, fused=True)
             continue
         layer = _LAYER.match(name)
         if name in copies or _IGNORED.search(name) or (layer and int(layer.group(1)) >= n_layers):
@@ -590,57 +637,72 @@ def _out_dtype(md_name: str, src_dtype: torch.dtype, dtype: torch.dtype | None) 
 
 def megads_to_hf(src, dst: str | os.PathLike, shard_size_bytes: int = DEFAULT_SHARD_BYTES,
                  dtype: torch.dtype | None = None, overwrite: bool = False,
-                 extra_config: dict | None = None) -> Path:
+                 extra_config: dict | None = None, tokenizer: str | os.PathLike | None = None) -> Path:
     """Write a megads model (a Transformer, or a megads checkpoint directory, read memory-mapped)
     as an HF DeepSeek-V2/V3 directory: config.json and safetensors shards of at most
     `shard_size_bytes` (one `model.safetensors` when everything fits), with an index otherwise.
 
-    Tensors are materialised one shard at a time. `dtype` casts the weights (default: as stored);
-    `extra_config` adds keys to config.json (e.g. bos_token_id / eos_token_id).
+    Tensors are materialised one shard at a time, and each must be finite once cast (else a
+    CheckpointError names it). `dtype` casts the weights (default: as stored); `extra_config` adds
+    keys to config.json (e.g. bos_token_id / eos_token_id). The tokenizer files (TOKENIZER_FILES)
+    of `tokenizer` (default: `src` when it is a directory) are copied along; with a tokenizer.json,
+    `dst` also gets a tokenizer_config.json that `transformers.AutoTokenizer` loads as a fast
+    tokenizer, and config.json the bos/eos token ids. On any failure the files this call wrote are
+    removed again (`dst` itself when the call created it).
     """
-    from safetensors.torch import save_file
-
     dst = Path(dst)
-    _prepare_dst(dst, overwrite, ("config.json", "*.safetensors", INDEX_FILE))
-    source = _MegadsSource(src)
-    try:
-        cfg = source.cfg
-        d = config_to_hf(cfg)
-        plan = []  # (entry, nbytes, out dtype)
-        for e in weight_map(cfg):
-            shape, sdt = source.shape_dtype(e.md, e.expert)
-            odt = _out_dtype(e.md, sdt, dtype)
-            plan.append((e, math.prod(shape) * torch.empty((), dtype=odt).element_size(), odt))
-        shards: list[list] = [[]]
-        size = 0
-        for item in plan:
-            if shards[-1] and size + item[1] > shard_size_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(item)
-            size += item[1]
-        n = len(shards)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        wmap = {}
-        for fname, shard in zip(names, shards):
-            tensors = {}
-            for e, _, odt in shard:
-                t = _convert(source.get(e.md, e.expert), e.kind, cfg, True, False)
-                tensors[e.hf] = t.to(odt).contiguous().clone()  # own storage: no sharing inside a file
-                wmap[e.hf] = fname
-            tmp = dst / (fname + ".tmp")
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, dst / fname)
-            del tensors
-        if n > 1:
-            index = {"metadata": {"total_size": sum(b for _, b, _ in plan)}, "weight_map": wmap}
-            (dst / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        main_dtype = next(odt for e, _, odt in plan if e.md == "embed.weight")
-        d["dtype"] = str(main_dtype).replace("torch.", "")
-        d.update(extra_config or {})
-        (dst / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-    finally:
-        source.close()
+    _not_in_place(src, dst)
+    if tokenizer is None and isinstance(src, (str, os.PathLike)):
+        tokenizer = src
+    tok_files = _tokenizer_files(tokenizer)
+    tok_names = [f.name for f in tok_files]
+    if "tokenizer.json" in tok_names and "tokenizer_config.json" not in tok_names:
+        tok_names.append("tokenizer_config.json")  # written by _hf_tokenizer_config
+    with _Output(dst, overwrite, ("config.json", "*.safetensors", INDEX_FILE, *tok_names)) as out:
+        source = _MegadsSource(src)
+        try:
+            cfg = source.cfg
+            d = config_to_hf(cfg)
+            plan = []  # (entry, nbytes, out dtype)
+            for e in weight_map(cfg):
+                shape, sdt = source.shape_dtype(e.md, e.expert)
+                odt = _out_dtype(e.md, sdt, dtype)
+                plan.append((e, math.prod(shape) * torch.empty((), dtype=odt).element_size(), odt))
+            shards: list[list] = [[]]
+            size = 0
+            for item in plan:
+                if shards[-1] and size + item[1] > shard_size_bytes:
+                    shards.append([])
+                    size = 0
+                shards[-1].append(item)
+                size += item[1]
+            n = len(shards)
+            names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            wmap = {}
+            for fname, shard in zip(names, shards):
+                tensors = {}
+                for e, _, odt in shard:
+                    t = _convert(source.get(e.md, e.expert), e.kind, cfg, True, False)
+                    o = t.to(odt).contiguous().clone()  # own storage: no sharing inside a file
+                    md = e.md if e.expert is None else f"{e.md}[{e.expert}]"
+                    _check_finite(o, source.where, f"{md!r} (HF {e.hf!r})", source=t)
+                    tensors[e.hf] = o
+                    wmap[e.hf] = fname
+                out.write_safetensors(fname, tensors)
+                del tensors
+            if n > 1:
+                out.write_json(INDEX_FILE, {"metadata": {"total_size": sum(b for _, b, _ in plan)},
+                                            "weight_map": wmap})
+            main_dtype = next(odt for e, _, odt in plan if e.md == "embed.weight")
+            d["dtype"] = str(main_dtype).replace("torch.", "")
+            for f in tok_files:
+                out.copy(f)
+            if "tokenizer.json" in tok_names:
+                _hf_tokenizer_config(out, d, cfg)
+            d.update(extra_config or {})
+            out.write_json("config.json", d)
+        finally:
+            source.close()
     return dst
 
 
@@ -649,15 +711,26 @@ def hf_to_megads(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dt
     """Convert an HF DeepSeek-V2/V3 directory into a megads checkpoint directory.
 
     dtype: of the written weights; default the checkpoint's own (bfloat16 for FP8 checkpoints).
+    Every tensor must be finite once cast (else a CheckpointError names it). The tokenizer files
+    of `src` are copied along, so `megads generate --checkpoint DST` finds its tokenizer.json. On
+    any failure the files this call wrote are removed again (`dst` itself when the call created it).
     """
-    from megads.model.io import save_model
+    from megads.model.io import CONFIG_FILE, WEIGHTS_FILE, save_model
 
-    dst = Path(dst)
-    _prepare_dst(dst, overwrite, ("config.yaml", "model.safetensors"))
-    if dtype is None:
-        dtype = _checkpoint_dtype(Path(src))
-    model = load(src, dtype=dtype)
-    return save_model(model, dst)
+    src, dst = Path(src), Path(dst)
+    _not_in_place(src, dst)
+    tok_files = _tokenizer_files(src)
+    with _Output(dst, overwrite, (CONFIG_FILE, WEIGHTS_FILE, *[f.name for f in tok_files])) as out:
+        if dtype is None:
+            dtype = _checkpoint_dtype(src)
+        model = load(src, dtype=dtype, check_finite=True)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):  # what save_model writes (each via NAME.tmp)
+            out.path(name + ".tmp")
+            out.path(name)
+        save_model(model, dst)
+        for f in tok_files:
+            out.copy(f)
+    return dst
 
 
 def _checkpoint_dtype(path: Path) -> torch.dtype:
@@ -672,6 +745,57 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
         reader.close()
 
 
+def _not_in_place(src, dst: Path) -> None:
+    """A conversion never writes into its own source (--force would delete the weights it reads)."""
+    if isinstance(src, (str, os.PathLike)) and dst.exists() and Path(src).resolve() == dst.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source directory; choose another destination")
+
+
+def _tokenizer_files(directory) -> list[Path]:
+    """The TOKENIZER_FILES present in `directory` (none when it is None or not a directory)."""
+    if directory is None or not Path(directory).is_dir():
+        return []
+    return [Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()]
+
+
+def _hf_tokenizer_config(out: "_Output", d: dict, cfg: ModelConfig) -> None:
+    """Make the tokenizer.json copied into `out.dst` loadable by `AutoTokenizer.from_pretrained`.
+
+    tokenizer_config.json (a copied one keeps every key it sets) gets tokenizer_class
+    PreTrainedTokenizerFast (transformers' class for a bare tokenizer.json), the bos/eos/pad tokens
+    (megads's <|bos|>/<|eos|>/<|pad|> where the config names none), the other megads special tokens
+    and model_max_length; the HF config dict `d` gets bos_token_id / eos_token_id where unset.
+    """
+    from megads.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, load_tokenizer
+
+    vocab = load_tokenizer(out.dst).hf
+    file = out.dst / "tokenizer_config.json"
+    old = None
+    if file.is_file():
+        try:
+            old = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+        if not isinstance(old, dict):
+            raise CheckpointError(f"{file}: expected a JSON object")
+    tc = dict(old or {})
+    tc.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for role, default in (("bos", BOS), ("eos", EOS), ("pad", PAD)):
+        token = tc.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token  # older AddedToken form
+        if token is None and vocab.token_to_id(default) is not None:
+            token = tc[f"{role}_token"] = default
+        tid = vocab.token_to_id(token) if isinstance(token, str) else None
+        if role != "pad" and tid is not None:
+            d.setdefault(f"{role}_token_id", tid)
+    extra = [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD) and vocab.token_to_id(t) is not None]
+    if extra:
+        tc.setdefault("additional_special_tokens", extra)
+    tc.setdefault("model_max_length", cfg.max_seq_len)
+    if tc != old:
+        out.write_json("tokenizer_config.json", tc)
+
+
 def _prepare_dst(dst: Path, overwrite: bool, patterns: tuple[str, ...]) -> None:
     existing = [p for pat in patterns for p in dst.glob(pat)] if dst.is_dir() else []
     if existing and not overwrite:
@@ -683,6 +807,81 @@ def _prepare_dst(dst: Path, overwrite: bool, patterns: tuple[str, ...]) -> None:
         if p.name.endswith(".safetensors") or p.name == INDEX_FILE:
             p.unlink()  # stale shards of an earlier export must not mix with the new ones
     dst.mkdir(parents=True, exist_ok=True)
+
+
+def _stat_sig(p: Path) -> tuple[int, int, int]:
+    """(inode, mtime, size) of `p` itself: changes when a file is rewritten or replaced."""
+    st = os.lstat(p)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class _Output:
+    """The destination directory of one conversion, used as `with _Output(...) as out:`.
+
+    Creating it refuses to clobber an existing checkpoint (see _prepare_dst) and creates `dst`.
+    Every file the conversion writes goes through `path` (or the write helpers, which write under
+    NAME.tmp and rename, with the default file mode). If the `with` body raises, `discard` removes
+    the outermost directory this conversion created when `dst` did not exist before; otherwise only
+    the registered files that are new or were rewritten since the start, never the user's others.
+    """
+
+    def __init__(self, dst: Path, overwrite: bool, patterns: tuple[str, ...]):
+        created, p = None, dst.absolute()
+        while not p.exists() and not p.is_symlink():
+            created, p = p, p.parent
+        _prepare_dst(dst, overwrite, patterns)  # a refusal happens before anything is registered
+        self.dst = dst
+        self.created = created
+        self.before = {} if created else {q.name: _stat_sig(q) for q in dst.iterdir()}
+        self.paths: list[Path] = []
+
+    def __enter__(self) -> "_Output":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.discard()
+        return False
+
+    def path(self, name: str) -> Path:
+        """dst/name, registered as written by this conversion."""
+        p = self.dst / name
+        self.paths.append(p)
+        return p
+
+    def _replace(self, name: str, write) -> None:
+        from megads.model.io import set_default_mode
+
+        tmp, final = self.path(name + ".tmp"), self.path(name)
+        write(tmp)
+        set_default_mode(tmp)
+        os.replace(tmp, final)
+
+    def write_safetensors(self, name: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        self._replace(name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+    def write_json(self, name: str, obj) -> None:
+        self._replace(name, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+    def copy(self, file: Path) -> None:
+        """Copy `file` (contents only: the copy gets the default mode) to dst under its own name."""
+        self._replace(file.name, lambda tmp: shutil.copyfile(file, tmp))
+
+    def discard(self) -> None:
+        """Remove what this conversion wrote (see the class docstring); errors are logged only."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        for p in dict.fromkeys(self.paths):
+            try:
+                if _stat_sig(p) != self.before.get(p.name):  # new, or rewritten by this conversion
+                    p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("%s: cannot remove after the failed conversion (%s)", p, e)
 
 
 # =============================================================================== CLI

@@ -18,6 +18,10 @@ COMPLETE = "COMPLETE"
 _UNLISTED = {MANIFEST, COMPLETE}
 
 
+class ManifestMissing(CheckpointError):
+    """A complete checkpoint without a manifest: written by megads before manifests existed."""
+
+
 def list_files(root: Path) -> list[str]:
     """Every regular file under root (relative POSIX paths, sorted), manifest and marker excluded."""
     out = []
@@ -63,7 +67,7 @@ def read_manifest(root: Path) -> dict:
         if not isinstance(files, dict):
             raise ValueError("files is not a mapping")
     except FileNotFoundError:
-        raise CheckpointError(f"{p}: missing (the checkpoint was not completed, or predates manifests)") from None
+        raise ManifestMissing(f"{p}: missing (the checkpoint was not completed, or predates manifests)") from None
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p}: unreadable ({type(e).__name__}: {e})") from None
     return body

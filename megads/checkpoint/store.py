@@ -15,6 +15,7 @@ altered file is one line naming it, on every rank alike.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import re
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from megads.checkpoint import manifest as mf
 from megads.errors import CheckpointError, MegadsError
 
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 EXIT_SAVE_FAILED = 4
 
@@ -201,6 +203,12 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
     except Exception as e:
         err = describe_write_error(e, getattr(engine.checkpoint_engine, "_megads_writing", tmp))
         _barrier()  # the barrier DeepSpeed's save ends with, which the other ranks are waiting in
+    if err is None and rank == 0:
+        for script in root.glob("*.py"):  # DeepSpeed's recovery scripts (zero_to_fp32.py …) go with
+            try:                           # the checkpoint they convert, not beside it
+                os.replace(script, tmp / script.name)
+            except OSError:
+                pass
     if err is None:
         target = tmp / f"rank{rank}.pt"
         try:
@@ -271,6 +279,8 @@ def read_trainer_state(path: Path, checksums: bool = True) -> dict:
     if rank == 0:
         try:
             mf.verify(path, checksums=checksums)
+        except mf.ManifestMissing:  # COMPLETE but written before manifests: load it unverified
+            log.warning("%s: no %s (an older megads checkpoint): its files are not verified", path, mf.MANIFEST)
         except CheckpointError as e:
             err = str(e)
     err = _from_rank0(err)

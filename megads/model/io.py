@@ -95,7 +95,8 @@ def save_model(model, path: str | os.PathLike) -> Path:
     """Write `model` (a Transformer, or an engine wrapping one) as a megads checkpoint directory.
 
     Each file is written under a temporary name and renamed into place, so an interrupted save
-    never leaves a half-written file under the final name.
+    never leaves a half-written file under the final name. Files get the mode a plain open() would
+    give them (0644 under umask 022), not safetensors's private 0600.
     """
     from safetensors.torch import save_file
 
@@ -104,6 +105,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(state_for_save(model), str(tmp), metadata={"format": "pt", "producer": "megads"})
+    set_default_mode(tmp)
     os.replace(tmp, path / WEIGHTS_FILE)
     write_config(model.cfg, path)
     return path
@@ -149,6 +151,30 @@ def fill_from_safetensors(model, file: str | os.PathLike) -> None:
                                           f"the model expects {tuple(dst.shape)}")
                 dst.copy_(src)
                 del src
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask can only read it by setting it,
+    which would briefly change it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give `path` the mode open() gives a new file (0o666 less the umask: 0644 under umask 022).
+
+    safetensors's save_file creates its file with mode 0600, which would keep a checkpoint from
+    other users of a shared machine and from serving containers running as another user.
+    """
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -45,6 +45,7 @@ class GracefulStop:
         self.signum: int | None = None
         self.first_at = 0.0
         self.saving = False
+        self.done = False  # the stop's checkpoint is complete: later signals change nothing
         self._old: dict[int, object] = {}
         if enabled:
             for s in EXIT_CODES:
@@ -58,8 +59,8 @@ class GracefulStop:
                 _say(f"megads: {signal.Signals(signum).name} received: finishing this step, then saving a "
                      f"checkpoint (send it again to abort without saving)")
             return
-        if now - self.first_at < DEBOUNCE_S:
-            return  # the launcher forwarding the same request
+        if now - self.first_at < DEBOUNCE_S or self.done:
+            return  # the launcher forwarding the same request, or the save is complete: leaving anyway
         where = "during the checkpoint save" if self.saving else "before the checkpoint save"
         _say(f"megads: second {signal.Signals(signum).name} {where}: aborting now; "
              f"the previous complete checkpoint is intact")

@@ -52,4 +52,52 @@ def launch_local(config: str, overrides: list[str], nproc: int = 2, launcher: st
         print(f"data: {prefix} (tokenizer {tok})", flush=True)
     cmd = launch_command(config, overrides, nproc, launcher)
     print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return run_forwarding_signals(cmd)
+
+
+def rank_processes(pid: int) -> list:
+    """The training ranks below `pid`: the descendants whose environment names a rank."""
+    import psutil
+
+    found = []
+    for c in psutil.Process(pid).children(recursive=True):
+        try:
+            env = c.environ()
+        except (psutil.Error, OSError):
+            continue
+        if any(k in env for k in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")):
+            found.append(c)
+    return found
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run a launcher and hand SIGTERM/SIGINT to its ranks directly, then wait for its exit code.
+
+    The DeepSpeed runner does not forward signals on one node (it just dies, leaving the ranks
+    running), and DeepSpeed's per-node launcher forwards them one rank at a time with a 30 s kill.
+    Sent to the ranks, the signal makes every rank save a checkpoint and exit 143/130, which the
+    launchers then pass up as their own exit code."""
+    import signal
+
+    p = subprocess.Popen(cmd, start_new_session=True)  # Ctrl-C reaches us, not the launcher
+
+    def forward(signum, frame):
+        ranks = rank_processes(p.pid)
+        for r in ranks:
+            try:
+                r.send_signal(signum)
+            except Exception:
+                pass
+        if not ranks:  # not started yet (or a launcher we cannot see through): the launcher itself
+            try:
+                p.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = p.wait()
+        return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -105,6 +104,8 @@ class Trainer:
                                    dict(vars(self.ps.layout)), str(resume_path), force)
             notes += [f"resume: {k} changed {o!r} -> {n!r}" for k, o, n in changes]
             self.run_id = state.get("run_id") or self.run_id
+        if self.lock is not None:  # the run goes ahead: say who holds the output dir
+            self.lock.announce(self.run_id)
         self.gas = self.ds_config["gradient_accumulation_steps"]
         t = cfg.train
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -152,7 +153,6 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak = measure_peak_flops() if self.rank == 0 else 1.0
         self.fault_nan = {int(s) for s in os.environ.get("MEGADS_FAULT_NAN_STEPS", "").split(",") if s.strip()}
-        self.fault_kill_save = int(os.environ.get("MEGADS_FAULT_KILL_IN_SAVE", "-1"))
 
     # ------------------------------------------------------------------ setup helpers
     def _datasets(self):
@@ -205,7 +205,6 @@ class Trainer:
             try:
                 self.lock = rundir.RunLock(out).acquire()
                 path, notes = plan_run(out, resume, force)
-                self.lock.announce(run_id)
                 answer = (str(path) if path else None, run_id, notes, None)
             except MegadsError as e:
                 if self.lock is not None:
@@ -336,8 +335,8 @@ class Trainer:
 
     def _stop_now(self, last_saved: Path | None) -> int:
         """After a signal: save (unless this step was just saved), say where and how to resume."""
-        self.stop.saving = True
         path = last_saved if last_saved is not None and last_saved.name == f"step-{self.step}" else self._save()
+        self.stop.done = True
         self.metrics.write(f"megads: stopped by {self.stop.name()} after step {self.step}: checkpoint {path}; "
                            f"resume with the same command (--resume auto) or --resume {path}")
         self._barrier()
@@ -386,13 +385,14 @@ class Trainer:
         state = {"step": self.step, "bad_steps_total": self.bad_total, "run_id": self.run_id,
                  "consumed_samples": self.step * self.cfg.train.global_batch_size,
                  "layout": dict(vars(self.ps.layout)), "config": self.cfg.to_dict()}
-        if self.fault_kill_save == self.step:
-            # test hook: die half-way through writing this checkpoint
-            self.engine.save_checkpoint(str(ckpt.checkpoint_root(self.cfg.train.output_dir)),
-                                        tag=f".tmp-step-{self.step}", save_latest=False)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return ckpt.save_checkpoint(self.engine, self.cfg.train.output_dir, self.step, state, self.cfg.train.keep_last,
-                                    self._rank_state())
+        if self.stop is not None:
+            self.stop.saving = True  # (only the wording of a second signal's abort line)
+        try:
+            return ckpt.save_checkpoint(self.engine, self.cfg.train.output_dir, self.step, state,
+                                        self.cfg.train.keep_last, self._rank_state())
+        finally:
+            if self.stop is not None:
+                self.stop.saving = False
 
     def _rank_state(self) -> dict:
         """Routed-expert shards under EP (DeepSpeed's model file holds only rank 0's)."""

@@ -8,10 +8,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+FAULTSITE = ROOT / "tests" / "faultsite"
+
+
+def faults_env(spec: str) -> dict:
+    """Environment that loads tests/faultsite/sitecustomize.py with MEGADS_TEST_FAULTS=spec (a
+    slowed, failing or killed checkpoint write; see that file)."""
+    return {"MEGADS_TEST_FAULTS": spec, "PYTHONPATH": f"{FAULTSITE}{os.pathsep}{ROOT}"}
 
 
 def megads(*args, env=None, timeout=600, **kw):
-    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    e.update(env or {})
     return subprocess.run([sys.executable, "-m", "megads", *args], capture_output=True, text=True, env=e,
                           cwd=str(ROOT), timeout=timeout, **kw)
 
@@ -53,3 +61,12 @@ def step_losses(out):
         if "loss" in rec:
             losses[rec["step"]] = rec["loss"]
     return losses
+
+
+@pytest.fixture(scope="session")
+def reference(corpus, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints at 2, 4, 6): the losses other runs are compared with."""
+    out = tmp_path_factory.mktemp("ref")
+    r = megads(*train_args(corpus, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, step_losses(out), r

@@ -10,16 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, megads, step_losses, train_args
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    """An uninterrupted 6-step run: the losses every other run is compared with."""
-    out = tmp_path_factory.mktemp("ref")
-    r = megads(*train_args(corpus, out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, step_losses(out), r
+from conftest import ROOT, faults_env, megads, step_losses, train_args
 
 
 def test_single_process_trains_logs_and_checkpoints(reference):
@@ -80,7 +71,7 @@ def test_kill9_and_resume_gives_identical_losses(corpus, reference, tmp_path):
 
 def test_crash_during_checkpoint_write_resumes_from_previous(corpus, reference, tmp_path):
     _, ref, _ = reference
-    r = megads(*train_args(corpus, tmp_path), env={"MEGADS_FAULT_KILL_IN_SAVE": "4"})
+    r = megads(*train_args(corpus, tmp_path), env=faults_env("kill:4"))
     assert r.returncode == -signal.SIGKILL
     root = tmp_path / "checkpoints"
     assert (root / ".tmp-step-4").is_dir() and not (root / "step-4").exists()
@@ -88,6 +79,7 @@ def test_crash_during_checkpoint_write_resumes_from_previous(corpus, reference, 
     r = megads(*train_args(corpus, tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoints/step-2" in r.stdout + r.stderr
+    assert not (root / ".tmp-step-4").exists()  # the next save of step 4 replaced the debris
     got = step_losses(tmp_path)
     for s in range(1, 7):
         assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=0)
