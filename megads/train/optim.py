@@ -36,15 +36,42 @@ class GuardedAdamW(torch.optim.AdamW):
     DeepSpeed (ZeRO 0-2) calls step() on every rank at the same boundary with the reduced
     gradients, so the finiteness flag is agreed by an all-reduce. `last_step_skipped` tells the
     trainer to count the bad step and leave the schedule and MoE biases alone.
+
+    Without ZeRO the trainer sets `norm_weights` (megads.parallel.gradnorm.zero0_weights) and
+    `max_norm`: step() then computes the single-process gradient norm (one all-reduce, which is
+    also the finiteness check), clips by it, and keeps it in `last_grad_norm`. Under ZeRO-1/2 the
+    gradients here are flat partitions; DeepSpeed clips (with megads's norm, see gradnorm).
     """
 
     def __init__(self, params, **kw):
         super().__init__(params, **kw)
         self.last_step_skipped = False
+        self.last_grad_norm: float | None = None
         self.group = None  # set by the trainer: the ranks to agree with (None = world)
+        self.norm_weights: dict | None = None
+        self.max_norm = 0.0
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.norm_weights is not None:
+            from megads.parallel.gradnorm import global_norm
+
+            params = self._params()
+            norm = global_norm(((p.grad, p) for p in params), self.norm_weights, params[0].device)
+            value = float(norm)  # the one host sync of the step
+            self.last_grad_norm = value
+            self.last_step_skipped = not math.isfinite(value)
+            if self.last_step_skipped:
+                return None
+            if self.max_norm > 0 and value + 1e-6 > self.max_norm:  # DeepSpeed's ZeRO formula
+                coef = 1.0 / ((value + 1e-6) / self.max_norm)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            return super().step(closure)
         bad = torch.zeros(1)
         for g in self.param_groups:
             for p in g["params"]:

@@ -130,9 +130,14 @@ class Trainer:
             name = mark_expert_params(self.model, self.ps)
             group_fn = lambda groups: expert_param_groups(groups, name)  # noqa: E731
         self.optimizer = build_optimizer(self.model, t, group_fn)
+        self._setup_grad_norm()
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config,
             mpu=pstate.MPU(self.ps) if p.tp > 1 else None, dist_init_required=False)
+        if self._norm_kinds is not None and p.zero_stage > 0:
+            from megads.parallel import gradnorm
+
+            gradnorm.patch_zero_norm(self.engine.optimizer, gradnorm.zero_weights(self._norm_kinds, self.ps.layout))
 
         self.step = 0
         self.bad_total = 0
@@ -184,6 +189,24 @@ class Trainer:
         model = Transformer(self.cfg.model, par=build_model_par(self.cfg, self.ps))
         load_full_state(model, full.state_dict(), self.ps)
         return model
+
+    def _setup_grad_norm(self) -> None:
+        """The gradient norm (and so clipping) of the single process in every layout (see
+        megads.parallel.gradnorm): fp32 without ZeRO, the guarded optimizer clips by it; under
+        ZeRO-1/2 DeepSpeed clips by it; bf16 without ZeRO keeps DeepSpeed's bf16 optimizer norm,
+        which reads the tensor_model_parallel marks set here."""
+        from megads.parallel import gradnorm
+        from megads.parallel.shard import shard_specs
+
+        p = self.cfg.parallel
+        self._norm_kinds = gradnorm.classify(self.model, shard_specs(self.model), p.tp, p.ep)
+        bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
+        if p.zero_stage == 0 and not bf16:
+            self.optimizer.norm_weights = gradnorm.zero0_weights(self._norm_kinds, self.ps.layout)
+            self.optimizer.max_norm = float(self.ds_config.get("gradient_clipping") or 0.0)
+            self.ds_config["gradient_clipping"] = 0.0  # the optimizer clips
+        elif bf16 and p.zero_stage == 0:
+            self._norm_kinds = None
 
     def full_state(self) -> dict:
         """Collective: the full (unsharded) model state on every rank."""
@@ -279,7 +302,8 @@ class Trainer:
             skipped = self.optimizer.last_step_skipped
             loss, lm_loss, mtp_loss, aux_loss = self._mean_over_dp(list(sums / self.gas))
             dt = time.perf_counter() - t0
-            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = (self.optimizer.last_grad_norm if self.optimizer.norm_weights is not None
+                         else self.engine.get_global_grad_norm())
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             rec = {"step": step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "balance_loss": aux_loss,
                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,

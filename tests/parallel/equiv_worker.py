@@ -1,6 +1,7 @@
 """One rank of the parallel == single-process check (run by test_equivalence.py).
 
-Trains a small model for 3 optimizer steps through the real Trainer (DeepSpeed engine, ZeRO,
+Trains a small model for 3 optimizer steps (gradient clipping on, at the default config's 1.0)
+through the real Trainer (DeepSpeed engine, ZeRO,
 TP/EP layers, all-to-all dispatch) on fixed synthetic data, then writes the per-step losses and
 the gathered full weights (rank 0) to OUT.
 """
@@ -46,7 +47,7 @@ def overrides(tp, ep, zero, out):
             "model.n_routed_experts=8", "model.num_experts_per_tok=2", "model.n_group=2", "model.topk_group=1",
             "model.n_shared_experts=1", "model.seq_aux_alpha=0.001", "model.max_seq_len=64",
             "train.max_steps=3", "train.seq_len=16", "train.micro_batch_size=2", "train.global_batch_size=8",
-            "train.lr=0.01", "train.min_lr=0.001", "train.warmup_steps=0", "train.grad_clip=0.0",
+            "train.lr=0.01", "train.min_lr=0.001", "train.warmup_steps=0", "train.grad_clip=1.0",
             "train.eval_interval=1000", "train.save_interval=1000", "train.samples_at_end=0",
             "train.progress=false", "train.tensorboard=false", f"train.output_dir={out}/run",
             "train.seed=7", "data.paths=[synthetic]"]
@@ -72,6 +73,7 @@ def main():
     full = tr.full_state()
     if tr.rank == 0:
         torch.save({"losses": [r["loss"] for r in tr.history], "state": full,
+                    "grad_norm": [r["grad_norm"] for r in tr.history],
                     "a2a": [r.get("a2a_bytes_per_token", 0.0) for r in tr.history],
                     "step_time": [r["step_time_s"] for r in tr.history],
                     "tokens_per_s": [r["tokens_per_s"] for r in tr.history]}, os.path.join(a.out, "result.pt"))

@@ -1,8 +1,10 @@
 """Parallel == single process: every layout reproduces the single-process losses and weights.
 
 For TP2, EP2, DP2 with ZeRO-1, DP2 with ZeRO-2, TP2xEP2 (4 ranks) and EP2xDP2 with ZeRO-1
-(4 ranks): 3 optimizer steps from the same initial weights and data as one process, on gloo,
-through the real Trainer and DeepSpeed engine. Per-step loss within 1e-5 relative, final
+(4 ranks), and TP2 with sequence parallelism (alone and with EP2, ZeRO-1): 3 optimizer steps
+from the same initial weights and data as one process, on gloo, through the real Trainer and
+DeepSpeed engine, with gradient clipping on at the default 1.0 (the norm is above it at every
+step, so every step is clipped). Per-step loss and gradient norm within 1e-5 relative, final
 parameters within 1e-4 (fp32).
 """
 import os
@@ -70,6 +72,9 @@ def test_layout_matches_single_process(name, single, tmp_path):
     assert len(got["losses"]) == len(single["losses"]) == 3
     for a, b in zip(single["losses"], got["losses"]):
         assert abs(a - b) <= 1e-5 * abs(a), (single["losses"], got["losses"])
+    assert all(g > 1.0 for g in single["grad_norm"]), single["grad_norm"]  # clipping acts every step
+    for a, b in zip(single["grad_norm"], got["grad_norm"]):
+        assert abs(a - b) <= 1e-5 * abs(a), (single["grad_norm"], got["grad_norm"])
     assert set(got["state"]) == set(single["state"])
     for k, ref in single["state"].items():
         diff = (got["state"][k].float() - ref.float()).abs().max().item()
