@@ -30,7 +30,7 @@ from equiv_worker import Synthetic  # noqa: E402
 from megads.checkpoint import manifest, store  # noqa: E402
 from megads.config import load_config  # noqa: E402
 from megads.parallel import state as pstate  # noqa: E402
-from megads.train.trainer import Trainer  # noqa: E402
+from megads.train.loop import Trainer  # noqa: E402
 
 
 def dir_bytes(d: Path) -> int:

@@ -138,6 +138,7 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoints."""
 
+    stage: str = "pretrain"  # pretrain | sft: the objective the loop trains (megads/train/objectives)
     max_steps: int = 100
     micro_batch_size: int = 4  # sequences per rank per micro step
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
@@ -173,6 +174,8 @@ class TrainConfig:
                                 "save_interval", "eval_interval", "log_interval", "keep_last", "max_bad_steps"])
         _nonneg(self, where, ["min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_iters",
                               "samples_at_end", "sample_tokens"])
+        if self.stage not in STAGES:
+            _bad(where, "stage", f"must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.precision not in ("fp32", "bf16"):
             _bad(where, "precision", f"must be fp32 or bf16, got {self.precision!r}")
         if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
@@ -188,8 +191,10 @@ class DataConfig:
     builtin_corpus: bool = False  # build a corpus from this Python's stdlib sources/docs if missing
     data_dir: str = "data/builtin"  # where the builtin corpus, tokenizer and dataset are written
     vocab_size: int = 4096  # tokenizer size when megads trains one for the builtin corpus
-    split: str = "98,2"  # train,valid shares of documents
+    split: str = "98,2"  # train,valid shares of documents (of samples, for JSONL stages)
     num_workers: int = 0
+    cache_dir: str = "data/cache"  # tokenised JSONL (sft): cached indexed datasets, reused when unchanged
+    on_error: str = "skip"  # a malformed JSONL line: skip (logged as file:line) | fail
 
     def validate(self, where: str = "data") -> None:
         parts = str(self.split).split(",")
@@ -201,6 +206,20 @@ class DataConfig:
             _bad(where, "split", f"must be 'train,valid' non-negative numbers, got {self.split!r}")
         if not self.paths and not self.builtin_corpus:
             pass  # a run without data is fine for model-info/generate; train checks itself
+        if self.on_error not in ("skip", "fail"):
+            _bad(where, "on_error", f"must be skip or fail, got {self.on_error!r}")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (train.stage: sft)."""
+
+    loss_on: str = "assistant"  # assistant (assistant/completion tokens only) | all
+    packing: bool = True  # pack samples into rows with per-document attention (False: one per row, padded)
+
+    def validate(self, where: str = "sft") -> None:
+        if self.loss_on not in ("assistant", "all"):
+            _bad(where, "loss_on", f"must be assistant or all, got {self.loss_on!r}")
 
 
 @dataclass
@@ -209,12 +228,14 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
         self.parallel.validate()
         self.train.validate()
         self.data.validate()
+        self.sft.validate()
         if self.model.num_heads % self.parallel.tp:
             _bad("parallel", "tp", f"must divide model.num_heads ({self.model.num_heads}), got {self.parallel.tp}")
         if self.model.n_routed_experts and self.model.n_routed_experts % self.parallel.ep:
@@ -228,7 +249,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig}
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+            "sft": SFTConfig}
+STAGES = ("pretrain", "sft")
 
 
 # ---------------------------------------------------------------- helpers
@@ -254,6 +277,8 @@ def _check_type(value: Any, tp: Any, name: str, src: str) -> Any:
     origin = typing.get_origin(tp)
     if tp in (list, dict) or origin in (list, dict):
         base = origin or tp
+        if base is list and isinstance(value, str) and value:
+            return [value]  # `--set data.paths=x.jsonl`: a list of one
         if not isinstance(value, base):
             raise ConfigError(f"{src}{name}: expected a {base.__name__}, got {type(value).__name__} {value!r}")
         return value

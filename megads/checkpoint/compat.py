@@ -6,7 +6,7 @@ Three kinds of key:
   train.max_steps (the cosine schedule's length follows it), save/eval/log intervals, keep_last,
   eval_iters, output_dir, TensorBoard/progress/samples, max_bad_steps, save_on_signal,
   verify_on_resume, activation_checkpointing and micro_batch_size (same maths, other memory use;
-  the global batch is what counts), parallel.timeout_s and parallel.backend, data.num_workers.
+  the global batch is what counts), parallel.timeout_s and parallel.backend, data.num_workers, data.cache_dir and data.on_error.
 - `model.*`, the process layout (tp, pp, ep, zero_stage, the data-parallel size) and
   train.precision: the checkpoint's tensors cannot mean the same thing under another value. Never
   allowed (layout changes need resharding checkpoints, not yet built).
@@ -21,7 +21,7 @@ FREE = {
     "train.log_interval", "train.output_dir", "train.tensorboard", "train.progress", "train.samples_at_end",
     "train.sample_tokens", "train.max_bad_steps", "train.save_on_signal", "train.verify_on_resume",
     "train.activation_checkpointing", "train.micro_batch_size",
-    "parallel.timeout_s", "parallel.backend", "data.num_workers",
+    "parallel.timeout_s", "parallel.backend", "data.num_workers", "data.cache_dir", "data.on_error",
 }
 FIXED_PREFIXES = ("model.",)
 FIXED = {"parallel.tp", "parallel.pp", "parallel.ep", "parallel.zero_stage", "train.precision"}

@@ -121,8 +121,8 @@ class MLA(nn.Module):
             v = F.pad(v, (0, q.shape[-1] - vdim))
         if key_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            mask = _decode_mask(B, S, 0, key_mask, q.device)  # [B, 1, S, S]
+        else:  # kept keys [B, S] (left padding), or a full [B, 1, S, S] mask (packed documents)
+            mask = key_mask if key_mask.dim() == 4 else _decode_mask(B, S, 0, key_mask, q.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             o = torch.nan_to_num(o)  # fully padded query rows
         return o[..., :vdim].transpose(1, 2)  # [B, S, h, v]

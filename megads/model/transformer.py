@@ -26,6 +26,34 @@ class LMOutput:
     num_tokens: torch.Tensor  # label tokens counted in lm_loss
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids [B, S] (-1 = padding) -> bool [B, 1, S, S]: causal within each document only."""
+    S = doc_ids.shape[-1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
+    return (causal & same & (doc_ids >= 0).unsqueeze(-2)).unsqueeze(1)
+
+
+def mtp_targets(labels: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The labels MTP depth k predicts from positions [0, S-k): labels[i+k], ignored (-100) where
+    position i+k lies in another document than i."""
+    S = labels.shape[1]
+    tgt = labels[:, k:]
+    if doc_ids is not None:
+        tgt = tgt.masked_fill(doc_ids[:, :S - k] != doc_ids[:, k:], -100)
+    return tgt
+
+
+def loss_token_counts(labels: torch.Tensor, mtp_depth: int = 0, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 [1 + mtp_depth]: label tokens the LM loss and each MTP depth count in a batch
+    (the denominators of a loss normalised over a global batch)."""
+    out = [(labels != -100).sum()]
+    for k in range(1, mtp_depth + 1):
+        out.append((mtp_targets(labels, k, doc_ids) != -100).sum() if k < labels.shape[1]
+                   else labels.new_zeros(()))
+    return torch.stack(out).double()
+
+
 class Block(nn.Module):
     """Pre-norm residual block: h += attn(norm(h)); h += ffn(norm(h))."""
 
@@ -131,7 +159,7 @@ class Transformer(nn.Module):
 
     def _run_block(self, block, h, cos, sin, **kw):
         if self.activation_checkpointing and self.training and not kw.get("cache"):
-            return checkpoint(block, h, cos, sin, use_reentrant=False)
+            return checkpoint(block, h, cos, sin, use_reentrant=False, **kw)  # masks included
         return block(h, cos, sin, **kw)
 
     def _logits(self, h):
@@ -150,17 +178,24 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
-                naive: bool = False):
+                naive: bool = False, doc_ids=None, num_items=None):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
         kept keys (T = cache length + S with a cache, S without) for left-padded batches.
+        doc_ids [B, S] (training, packed samples; -1 = padding): attention stays inside each
+        document. num_items [1 + mtp_depth]: divide the summed LM and MTP losses by these (the
+        global batch's token counts per micro-batch share) instead of taking per-batch means.
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
         naive = naive or bool(cache is not None and cache.naive)
         if positions is None:
             positions = torch.arange(start, start + S, device=tokens.device)
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids is for training on packed rows, not for cached generation")
+            attention_mask = document_mask(doc_ids)
         h = self._embed(tokens)
         # full-sequence rope tables: under sequence parallelism MLA gathers the sequence first
         cos, sin = self.rope(positions, h.dtype)
@@ -179,15 +214,15 @@ class Transformer(nn.Module):
         losses = self._ce(self._logits(hn), labels)
         valid = (labels.reshape(-1) != -100)
         n = valid.sum()
-        lm_loss = losses.sum() / n.clamp_min(1)
+        lm_loss = losses.sum() / (n.clamp_min(1) if num_items is None else num_items[0])
         mtp_loss = h.new_zeros((), dtype=torch.float32)
         if self.mtp:
-            mtp_loss, mtp_aux = self._mtp_loss(h, labels, positions, tokens, attention_mask)
+            mtp_loss, mtp_aux = self._mtp_loss(h, labels, positions, tokens, attention_mask, doc_ids, num_items)
             aux_total = aux_total + mtp_aux
         loss = lm_loss + self.cfg.mtp_lambda * mtp_loss + aux_total
         return LMOutput(loss, lm_loss.detach(), mtp_loss.detach(), aux_total.detach(), n)
 
-    def _mtp_loss(self, h, labels, positions, tokens, attention_mask=None):
+    def _mtp_loss(self, h, labels, positions, tokens, attention_mask=None, doc_ids=None, num_items=None):
         """Depth k predicts t_{i+k+1} (= labels[i+k]) from h^{k-1}_i and Emb(t_{i+k}) (= tokens[i+k],
         read from the tokens: an ignored label (-100, e.g. a masked prompt) still has its token).
 
@@ -201,18 +236,22 @@ class Transformer(nn.Module):
             if L <= 0:
                 break
             inp = tokens[:, k:k + L]
-            tgt = labels[:, k:k + L]
+            tgt = mtp_targets(labels, k, doc_ids)
             emb = self.embed(inp)
             pos = positions[..., :L]
             cos, sin = self.rope(pos, h.dtype)
-            mask = attention_mask[:, :L].bool() if attention_mask is not None else None  # left padding
-            if mask is not None:  # no MTP target from a padding position's hidden state
-                tgt = tgt.masked_fill(~mask, -100)
+            if doc_ids is not None:  # the documents' causal mask over the first L positions
+                mask = attention_mask[:, :, :L, :L]
+            else:
+                mask = attention_mask[:, :L].bool() if attention_mask is not None else None  # left padding
+                if mask is not None:  # no MTP target from a padding position's hidden state
+                    tgt = tgt.masked_fill(~mask, -100)
             hk, aux = module(h_prev[:, :L], emb, cos, sin, mask)
             aux_total = aux_total + aux
             logits = self.head(module.norm(hk))
             losses = self._ce(logits, tgt)
-            total = total + losses.sum() / (tgt != -100).sum().clamp_min(1)
+            denom = (tgt != -100).sum().clamp_min(1) if num_items is None else num_items[k]
+            total = total + losses.sum() / denom
             h_prev = hk
         return total / len(self.mtp), aux_total
 

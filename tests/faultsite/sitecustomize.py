@@ -9,6 +9,7 @@ MEGADS_TEST_FAULTS: comma-separated `kind:step[:rank][=arg]` entries, acting on 
   enospc:<step>[:<rank>]            raise OSError(ENOSPC) instead of writing
   kill:<step>[:<rank>]              SIGKILL the process right after the first such write
   steptime:0=<seconds>              sleep in every optimizer step (a slow model, to signal mid-run)
+  nan:<step>                        make the loss of (0-based) optimizer step <step> NaN
 """
 import os
 
@@ -64,3 +65,18 @@ if _SPEC:
             return _real_step(self, *a, **kw)
 
         torch.optim.AdamW.step = _slow_step
+
+    _nan_steps = {int(x[1]) for x in _faults if x[0] == "nan"}
+    if _nan_steps:
+        from megads.train.loop import Trainer
+
+        _real_micro = Trainer._micro_loss
+
+        def _nan_micro(self, batch, denom):
+            loss, mets = _real_micro(self, batch, denom)
+            if self.step in _nan_steps:
+                loss = loss * float("nan")
+                mets = {**mets, "loss": loss.detach()}
+            return loss, mets
+
+        Trainer._micro_loss = _nan_micro

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from megads.config import load_config  # noqa: E402
 from megads.parallel import state as pstate  # noqa: E402
-from megads.train.trainer import Trainer  # noqa: E402
+from megads.train.loop import Trainer  # noqa: E402
 
 
 class Synthetic:

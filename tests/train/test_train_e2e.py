@@ -86,7 +86,7 @@ def test_crash_during_checkpoint_write_resumes_from_previous(corpus, reference, 
 
 
 def test_nonfinite_step_is_skipped_and_counted(corpus, tmp_path):
-    r = megads(*train_args(corpus, tmp_path, steps=4), env={"MEGADS_FAULT_NAN_STEPS": "1"})
+    r = megads(*train_args(corpus, tmp_path, steps=4), env=faults_env("nan:1"))
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in Path(tmp_path, "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [x["skipped"] for x in recs] == [0, 1, 0, 0]
@@ -96,7 +96,7 @@ def test_nonfinite_step_is_skipped_and_counted(corpus, tmp_path):
 
 def test_consecutive_bad_steps_stop_with_checkpoint_of_last_good_state(corpus, tmp_path):
     r = megads(*train_args(corpus, tmp_path, steps=8, extra=["train.max_bad_steps=3", "train.save_interval=100"]),
-               env={"MEGADS_FAULT_NAN_STEPS": "1,2,3"})
+               env=faults_env("nan:1,nan:2,nan:3"))
     assert r.returncode == 3, r.stderr[-3000:]
     assert "consecutive bad steps" in r.stdout + r.stderr
     import torch

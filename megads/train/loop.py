@@ -1,11 +1,15 @@
-"""The pre-training loop. The trainer alone steps the optimizer; DeepSpeed owns data parallelism,
-ZeRO, mixed precision, gradient accumulation and clipping.
+"""The training loop, one for every stage. The loop alone steps the optimizer; DeepSpeed owns data
+parallelism, ZeRO, mixed precision and gradient accumulation; an objective (megads/train/
+objectives/, chosen by `train.stage`) says how a batch is made and what its loss is.
 
-Per optimizer step: `gas` micro-batches forward/backward through the DeepSpeed engine, the
-optimizer step (skipped on every rank when any gradient is non-finite), then the MoE
-auxiliary-loss-free bias update from the step's token counts reduced over every rank that routed
-distinct tokens. Data position is arithmetic (step x global batch), so resuming needs no loader
-state and reproduces the uninterrupted run's losses exactly (fp32, same layout).
+Per optimizer step: the step's `gas` micro-batches are made, their loss tokens counted and summed
+over the data-parallel ranks (one small all-reduce), so each loss is the mean over every counted
+token of the global batch; then forward/backward through the DeepSpeed engine, the optimizer step
+(skipped on every rank when any gradient is non-finite; clipped by the single-process gradient
+norm), then the MoE auxiliary-loss-free bias update from the step's token counts reduced over
+every rank that routed distinct tokens. Data position is arithmetic (step x global batch), so
+resuming needs no loader state and reproduces the uninterrupted run's losses exactly (fp32, same
+layout).
 """
 from __future__ import annotations
 
@@ -113,10 +117,14 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
+        from megads.train import objectives
+
         if datasets is not None:
             self.train_ds, self.valid_ds, self.tokenizer = datasets
         else:
-            self.train_ds, self.valid_ds, self.tokenizer = self._datasets()
+            self.tokenizer = None
+            self.train_ds, self.valid_ds, self.tokenizer = objectives.build(cfg).datasets(self)
+        self.objective = objectives.build(cfg, self.tokenizer)
         if self.tokenizer is not None and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size})")
@@ -157,24 +165,8 @@ class Trainer:
             self.metrics.write(f"run {self.run_id}: fresh start in {t.output_dir}")
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak = measure_peak_flops() if self.rank == 0 else 1.0
-        self.fault_nan = {int(s) for s in os.environ.get("MEGADS_FAULT_NAN_STEPS", "").split(",") if s.strip()}
 
     # ------------------------------------------------------------------ setup helpers
-    def _datasets(self):
-        """One process builds the builtin corpus/tokenizer while the others wait."""
-        from megads.data import build_datasets, prepare_builtin
-
-        cfg, t = self.cfg, self.cfg.train
-        if cfg.data.builtin_corpus and not cfg.data.paths:
-            if self.rank == 0:
-                prepare_builtin(cfg.data)
-            self._barrier()
-        if not cfg.data.paths and not cfg.data.builtin_corpus:
-            raise ConfigError("data.paths: no training data (give indexed-dataset prefixes or data.builtin_corpus: true)")
-        evals = t.max_steps // t.eval_interval + 1
-        return build_datasets(cfg.data, t.seq_len, t.seed, t.max_steps * t.global_batch_size,
-                              max(1, t.eval_iters * t.micro_batch_size * self.dp * evals))
-
     def _build_model(self) -> Transformer:
         """Every layout starts from the single-process initialisation of the same seed: the full
         model is built, then each rank keeps its TP/EP shards."""
@@ -218,6 +210,14 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
 
+    def _from_rank0(self, obj):
+        """Collective: rank 0's object on every rank."""
+        if not dist.is_initialized() or self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _open_run_dir(self, resume: str, force: bool) -> tuple[Path | None, str, list[str]]:
         """Collective. Rank 0 locks the output dir and decides what to resume (see `plan_run`);
         every rank gets (checkpoint or None, run id, notes to log) or raises the same error."""
@@ -246,13 +246,23 @@ class Trainer:
         return (Path(path) if path else None), run_id, notes
 
     # ------------------------------------------------------------------ data
-    def _batch(self, ds, step: int, micro: int, per_step: int):
+    def _batch(self, ds, step: int, micro: int, per_step: int) -> dict:
         """This rank's micro-batch: samples [step*per_step + (micro*dp + dp_rank)*mb, +mb)."""
         mb = self.cfg.train.micro_batch_size
         start = step * per_step + (micro * self.dp + self.dp_rank) * mb
-        rows = [ds[(start + j) % len(ds)]["tokens"] for j in range(mb)]
-        t = torch.from_numpy(np.stack(rows).astype(np.int64)).to(self.device)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        return self.objective.collate([ds[(start + j) % len(ds)] for j in range(mb)], self.device)
+
+    def _global_token_counts(self, batches: list[dict]) -> torch.Tensor:
+        """float64 [K]: each loss term's counted tokens over the step's micro-batches and DP ranks
+        (TP ranks hold the same data; under SP the loss is taken over the gathered sequence)."""
+        counts = sum(self.objective.count(b) for b in batches).to(self.device)
+        if dist.is_initialized() and self.dp > 1:
+            dist.all_reduce(counts, group=self.ps.group("dp"))
+        return counts
+
+    def _micro_loss(self, batch: dict, denom: torch.Tensor):
+        """(loss, metrics) of one micro-batch: the objective's forward (tests wrap this)."""
+        return self.objective.forward(self.engine, batch, denom)
 
     # ------------------------------------------------------------------ reductions
     def _mean_over_dp(self, values: list[float]) -> list[float]:
@@ -285,27 +295,27 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            sums = np.zeros(4)
+            keys = self.objective.averaged
+            sums = np.zeros(len(keys))
             counts = None
-            for m in range(self.gas):
-                x, y = self._batch(self.train_ds, step, m, t.global_batch_size)
-                out = self.engine(x, y)
-                loss = out.loss
-                if step in self.fault_nan:
-                    loss = loss * float("nan")
+            batches = [self._batch(self.train_ds, step, m, t.global_batch_size) for m in range(self.gas)]
+            tokens = self._global_token_counts(batches)
+            denom = (tokens / (self.dp * self.gas)).float()  # each micro-batch's share of the global mean
+            for batch in batches:
+                loss, mets = self._micro_loss(batch, denom)
                 self.engine.backward(loss)
                 c = self.model.expert_counts()
                 if c is not None:
                     counts = c if counts is None else counts + c
                 self.engine.step()
-                sums += [float(loss.detach()), float(out.lm_loss), float(out.mtp_loss), float(out.aux_loss)]
+                sums += [float(mets[k]) for k in keys]
             skipped = self.optimizer.last_step_skipped
-            loss, lm_loss, mtp_loss, aux_loss = self._mean_over_dp(list(sums / self.gas))
+            means = dict(zip(keys, self._mean_over_dp(list(sums / self.gas))))
             dt = time.perf_counter() - t0
             grad_norm = (self.optimizer.last_grad_norm if self.optimizer.norm_weights is not None
                          else self.engine.get_global_grad_norm())
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            rec = {"step": step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "balance_loss": aux_loss,
+            rec = {"step": step + 1, **means, **self.objective.step_metrics(tokens.cpu(), tokens_per_step),
                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                    "mfu": self.flops_per_token * tokens_per_step / dt / (self.peak * self.world),
                    "step_time_s": dt, "skipped": int(skipped), "bad_steps_total": self.bad_total + int(skipped)}
@@ -400,8 +410,7 @@ class Trainer:
         total = 0.0
         slot = (self.step // t.eval_interval) % max(1, len(self.valid_ds) // max(1, per))
         for i in range(t.eval_iters):
-            x, y = self._batch(self.valid_ds, slot, i, per)
-            total += float(self.engine(x, y).lm_loss)
+            total += self.objective.eval_loss(self.engine, self._batch(self.valid_ds, slot, i, per))
         self.engine.train()
         return self._mean_over_dp([total / max(1, t.eval_iters)])[0]
 

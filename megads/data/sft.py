@@ -1,0 +1,217 @@
+"""Supervised fine-tuning data: JSONL formats, the chat template, a token cache, packing.
+
+Formats (one JSON object a line; detected per line from its keys):
+- chat: `{"messages": [{"role": "system|user|assistant", "content": "…"}, …]}`;
+- prompt/completion: `{"prompt": …, "completion": …}`; each a string (plain text, no template:
+  `<|bos|>prompt completion<|eos|>`) or a message list (rendered with the chat template).
+
+The chat template `megads-chat-v1` (also what `megads generate --chat` uses):
+
+    <|bos|><|system|>{system}<|eos|><|user|>{user}<|eos|><|assistant|>{assistant}<|eos|>…
+
+Every message is its role token, its content, then `<|eos|>`. `<think>`/`</think>` and
+`<answer>`/`</answer>` inside a content are the tokenizer's special tokens. The assistant spans
+(content and the closing `<|eos|>`, not the role token) are the ones marked for the loss; a
+generation prompt ends with `<|assistant|>`.
+
+Tokenised samples are cached as two Megatron-style indexed datasets under `data.cache_dir`
+(tokens, and a uint8 loss mask of the same length), keyed by the file's size and mtime, the
+tokenizer's hash and the template, so an unchanged file is tokenised once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from megads.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype, exists
+from megads.data.tokenizer import BOS, EOS
+from megads.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "megads-chat-v1"
+ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("messages must be a non-empty list")
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message needs role (system|user|assistant) and string content, got {m!r:.80}")
+    return value
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of a conversation under megads-chat-v1; mask 1 on assistant spans."""
+    eos = tok.token_id(EOS)
+    ids, mask = [tok.token_id(BOS)], [0]
+    for m in messages:
+        role = tok.token_id(ROLES[m["role"]])
+        body = tok.encode(m["content"]) + [eos]
+        on = 1 if m["role"] == "assistant" else 0
+        ids += [role] + body
+        mask += [0] + [on] * len(body)
+    if add_generation_prompt:
+        ids.append(tok.token_id(ROLES["assistant"]))
+        mask.append(0)
+    return ids, mask
+
+
+def render_record(tok, rec: dict) -> tuple[list[int], list[int]]:
+    """One JSONL record (chat or prompt/completion) -> (ids, loss_mask). ValueError if malformed."""
+    if not isinstance(rec, dict):
+        raise ValueError("expected a JSON object")
+    if "messages" in rec:
+        return render_chat(tok, _messages(rec["messages"], ""))
+    if "prompt" in rec and "completion" in rec:
+        p, c = rec["prompt"], rec["completion"]
+        if isinstance(p, list) and isinstance(c, list):
+            ids_p, mask_p = render_chat(tok, _messages(p, ""))
+            full, mask = render_chat(tok, _messages(p + c, ""))
+            return full, [0] * len(ids_p) + mask[len(ids_p):]
+        if isinstance(p, str) and isinstance(c, str):
+            a, b = [tok.token_id(BOS)] + tok.encode(p), tok.encode(c) + [tok.token_id(EOS)]
+            return a + b, [0] * len(a) + [1] * len(b)
+        raise ValueError("prompt and completion must both be strings or both message lists")
+    raise ValueError("expected 'messages', or 'prompt' and 'completion'")
+
+
+def cache_prefix(path: str, tok, cache_dir: str, kind: str = "sft") -> str:
+    st = os.stat(path)
+    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, tok.hash, TEMPLATE, kind])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return str(Path(cache_dir) / f"{Path(path).stem}-{kind}-{digest}")
+
+
+def tokenize_sft(path: str, tok, cache_dir: str, on_error: str = "skip", batch: int = 512) -> tuple[str, str]:
+    """Tokenise one JSONL file into cached (tokens, mask) indexed datasets; return their prefixes.
+    Reused when the file, tokenizer and template are unchanged. Malformed lines: DataError
+    `file:line: reason` (on_error='fail') or skipped and counted (logged)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data file not found")
+    prefix = cache_prefix(path, tok, cache_dir)
+    tprefix, mprefix = prefix + ".tokens", prefix + ".mask"
+    if exists(tprefix) and exists(mprefix):
+        return tprefix, mprefix
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tb = IndexedDatasetBuilder(tprefix, best_dtype(tok.vocab_size))
+    mb = IndexedDatasetBuilder(mprefix, np.uint8)
+    n, skipped = 0, 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    ids, mask = render_record(tok, json.loads(raw.decode("utf-8")))
+                    if not any(mask):
+                        raise ValueError("no assistant/completion tokens to learn from")
+                except (ValueError, UnicodeDecodeError) as e:
+                    msg = f"{path}:{lineno}: {e}"
+                    if on_error == "fail":
+                        raise DataError(msg) from None
+                    skipped += 1
+                    if skipped <= 20:
+                        log.warning("skipped %s", msg)
+                    continue
+                tb.add_document(ids)
+                mb.add_document(mask)
+                n += 1
+        if n == 0:
+            raise DataError(f"{path}: no usable records ({skipped} malformed skipped)")
+        tb.finalize()
+        mb.finalize()
+    except BaseException:
+        tb.abort()
+        mb.abort()
+        raise
+    log.info("tokenised %s: %d samples, %d skipped", path, n, skipped)
+    return tprefix, mprefix
+
+
+class PackedSFTDataset:
+    """Rows of exactly `seq_len` tokens for SFT: `tokens`, `labels` (-100 where there is no loss),
+    `doc_ids` (-1 on padding) and `positions` (restarting at 0 in every sample).
+
+    pack=True: samples, in a seeded order, are placed greedily into rows (a sample that does not
+    fit in the current row's room starts a new row: no sample is split); pack=False: one sample
+    per row, padded. A sample longer than seq_len + 1 tokens is truncated. Padding-free within a
+    row: only the row's tail is padding.
+    """
+
+    def __init__(self, pairs: list[tuple[IndexedDataset, IndexedDataset]], seq_len: int, seed: int,
+                 pack: bool = True, loss_on: str = "assistant", pad_id: int = 0):
+        self.seq_len, self.pad_id, self.loss_on = seq_len, pad_id, loss_on
+        self.docs = [(t, m, i) for t, m in pairs for i in range(len(t))]
+        order = np.random.RandomState(seed).permutation(len(self.docs))
+        rows, cur, room = [], [], seq_len
+        for d in order:
+            t, _, k = self.docs[d]
+            n = min(len(t[k]) - 1, seq_len)
+            if n <= 0:
+                continue
+            if not pack or n > room:
+                if cur:
+                    rows.append(cur)
+                cur, room = [], seq_len
+            cur.append(int(d))
+            room -= n
+        if cur:
+            rows.append(cur)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        S = self.seq_len
+        tokens = np.full(S, self.pad_id, dtype=np.int64)
+        labels = np.full(S, -100, dtype=np.int64)
+        doc_ids = np.full(S, -1, dtype=np.int64)
+        positions = np.zeros(S, dtype=np.int64)
+        at = 0
+        for j, d in enumerate(self.rows[i]):
+            t, m, k = self.docs[d]
+            ids = np.asarray(t[k], dtype=np.int64)[: S + 1]
+            mask = np.asarray(m[k], dtype=np.int64)[: S + 1]
+            n = len(ids) - 1
+            tokens[at:at + n] = ids[:-1]
+            lab = ids[1:].copy()
+            if self.loss_on == "assistant":
+                lab[mask[1:] == 0] = -100
+            labels[at:at + n] = lab
+            doc_ids[at:at + n] = j
+            positions[at:at + n] = np.arange(n)
+            at += n
+        return {"tokens": tokens, "labels": labels, "doc_ids": doc_ids, "positions": positions}
+
+
+class RowSubset:
+    """A view of some rows of a dataset."""
+
+    def __init__(self, ds, rows: np.ndarray):
+        self.ds, self.rows = ds, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[int(self.rows[i])]
+
+
+def split_rows(ds, split: str, seed: int = 0) -> tuple[RowSubset, RowSubset | None]:
+    """(train, valid) row views by the data.split shares ('98,2'), seeded; valid None when empty."""
+    from megads.data.dataset import parse_split
+
+    tr, va = parse_split(split)
+    n = len(ds)
+    n_valid = int(round(n * va / (tr + va))) if va > 0 and n > 1 else 0
+    order = np.random.RandomState(seed).permutation(n)
+    valid = RowSubset(ds, np.sort(order[:n_valid])) if n_valid else None
+    return RowSubset(ds, np.sort(order[n_valid:])), valid

@@ -1,0 +1,49 @@
+"""What a training stage adds to the one loop: how a batch is made and what its loss is.
+
+The loop (megads/train/loop.py) owns the engine, micro-batches, the bad-step guard, the router-bias
+update, eval, checkpoints, signals and metrics. An objective
+
+- builds its datasets (`datasets`),
+- turns rows of a dataset into a micro-batch of tensors (`collate`),
+- counts, per loss term, the tokens a micro-batch contributes (`count`): the loop sums them over
+  the step's micro-batches and the data-parallel ranks, so every loss is the mean over all
+  counted tokens of the global batch, not a mean of per-rank means;
+- runs the forward and returns (loss to backpropagate, metrics) given the step's per-micro-batch
+  denominators (`forward`);
+- reports step-level figures from the global counts (`step_metrics`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Objective:
+    name = "base"
+    # metrics averaged over micro-batches and data-parallel ranks (the rest come from step_metrics)
+    averaged = ("loss",)
+
+    def __init__(self, cfg, tokenizer=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    def datasets(self, loop):
+        """(train, valid) datasets for this stage."""
+        raise NotImplementedError
+
+    def collate(self, rows: list[dict], device) -> dict:
+        raise NotImplementedError
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """float64 [K] tokens counted by each loss term of this micro-batch."""
+        raise NotImplementedError
+
+    def forward(self, engine, batch: dict, denom: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(loss, {name: detached scalar}) with loss term k = sum over tokens / denom[k]."""
+        raise NotImplementedError
+
+    def eval_loss(self, engine, batch: dict) -> float:
+        """A validation figure for one micro-batch (the main loss, per-micro mean)."""
+        raise NotImplementedError
+
+    def step_metrics(self, counts: torch.Tensor, world_tokens: int) -> dict:
+        return {}
