@@ -15,7 +15,7 @@ Every message is its role token, its content, then `<|eos|>`. `<think>`/`</think
 generation prompt ends with `<|assistant|>`.
 
 Tokenised samples are cached as two Megatron-style indexed datasets under `data.cache_dir`
-(tokens, and a uint8 loss mask of the same length), keyed by the file's size and mtime, the
+(tokens, and a 0/1 loss mask of the same length), keyed by the file's size and mtime, the
 tokenizer's hash and the template, so an unchanged file is tokenised once.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def tokenize_sft(path: str, tok, cache_dir: str, on_error: str = "skip", batch: 
         return tprefix, mprefix
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tb = IndexedDatasetBuilder(tprefix, best_dtype(tok.vocab_size))
-    mb = IndexedDatasetBuilder(mprefix, np.uint8)
+    mb = IndexedDatasetBuilder(mprefix, np.uint16)  # (the indexed format stores uint16 or int32)
     n, skipped = 0, 0
     try:
         with open(path, "rb") as f:

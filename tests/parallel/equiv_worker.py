@@ -38,6 +38,44 @@ class Synthetic:
         return {"tokens": self.x[i]}
 
 
+class SyntheticSFT:
+    """Packed SFT rows with uneven masks: 1-3 samples a row, each with a prompt (no loss) and a
+    completion, positions restarting per sample, a padded tail of random length. Different ranks
+    get different numbers of loss tokens, so only a global-token mean matches one process."""
+
+    def __init__(self, n, seq, vocab, seed):
+        rng = np.random.RandomState(seed)
+        self.rows = []
+        for _ in range(n):
+            tokens = rng.randint(0, vocab, seq)
+            labels = np.full(seq, -100)
+            doc = np.full(seq, -1)
+            pos = np.zeros(seq, dtype=np.int64)
+            at, j = 0, 0
+            while at < seq - 2 and j < 3:
+                n_doc = int(rng.randint(2, seq - at + 1))
+                if j > 0 and rng.rand() < 0.3:
+                    break  # leave a padded tail
+                prompt = int(rng.randint(0, n_doc))
+                span = slice(at, at + n_doc)
+                doc[span], pos[span] = j, np.arange(n_doc)
+                nxt = (tokens[span] * 3 + 1) % vocab
+                lab = nxt.copy()
+                lab[:prompt] = -100
+                labels[span] = lab
+                at += n_doc
+                j += 1
+            tokens[doc < 0] = 0
+            self.rows.append({"tokens": tokens.astype(np.int64), "labels": labels.astype(np.int64),
+                              "doc_ids": doc.astype(np.int64), "positions": pos})
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
 def overrides(tp, ep, zero, out):
     return [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.zero_stage={zero}",
             "model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=128",
@@ -67,7 +105,8 @@ def main():
     pstate.init_distributed(os.environ.get("MEGADS_EQUIV_BACKEND", "gloo"), 120)
     t = cfg.train
     n = max(64, t.max_steps * t.global_batch_size)
-    data = (Synthetic(n, t.seq_len, cfg.model.vocab_size, 1), Synthetic(16, t.seq_len, cfg.model.vocab_size, 2), None)
+    kind = SyntheticSFT if t.stage == "sft" else Synthetic
+    data = (kind(n, t.seq_len, cfg.model.vocab_size, 1), kind(16, t.seq_len, cfg.model.vocab_size, 2), None)
     tr = Trainer(cfg, resume="none", datasets=data)
     tr.train()
     full = tr.full_state()

@@ -48,6 +48,16 @@ def single(tmp_path_factory):
     return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single"))
 
 
+SFT = ["train.stage=sft", "model.mtp_depth=1"]  # packed rows, uneven masks, per-document attention + MTP
+
+
+@pytest.fixture(scope="module")
+def single_sft(tmp_path_factory):
+    # one micro-batch of the whole global batch: its per-batch mean is the true global mean, which
+    # the layouts (2 sequences a micro-batch, uneven loss tokens per rank) must reproduce
+    return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single_sft"), extra=SFT + ["train.micro_batch_size=8"])
+
+
 LAYOUTS = {
     "tp2": (2, 2, 1, 0),
     "ep2": (2, 1, 2, 0),
@@ -60,6 +70,14 @@ LAYOUTS = {
 }
 
 
+SFT_LAYOUTS = {
+    "sft_tp2": (2, 2, 1, 0),
+    "sft_ep2": (2, 1, 2, 0),
+    "sft_dp2_zero1": (2, 1, 1, 1),
+    "sft_dp2_zero2": (2, 1, 1, 2),
+    "sft_tp2_ep2": (4, 2, 2, 0),
+}
+
 MAX_WORLD = int(os.environ.get("MEGADS_EQUIV_MAX_WORLD", "4"))  # GPU check: as many ranks as GPUs
 
 
@@ -69,6 +87,19 @@ def test_layout_matches_single_process(name, single, tmp_path):
     if world > MAX_WORLD:
         pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
     got = run_layout(world, tp, ep, zero, tmp_path, extra=extra[0] if extra else ())
+    _assert_equal(single, got, ep)
+
+
+@pytest.mark.parametrize("name", list(SFT_LAYOUTS))
+def test_sft_layout_matches_single_process(name, single_sft, tmp_path):
+    """Packed SFT: the loss is the mean over the global batch's loss tokens, whatever rank holds them."""
+    world, tp, ep, zero = SFT_LAYOUTS[name]
+    if world > MAX_WORLD:
+        pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
+    _assert_equal(single_sft, run_layout(world, tp, ep, zero, tmp_path, extra=SFT), ep)
+
+
+def _assert_equal(single, got, ep):
     assert len(got["losses"]) == len(single["losses"]) == 3
     for a, b in zip(single["losses"], got["losses"]):
         assert abs(a - b) <= 1e-5 * abs(a), (single["losses"], got["losses"])
