@@ -138,7 +138,7 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoints."""
 
-    stage: str = "pretrain"  # pretrain | sft: the objective the loop trains (megads/train/objectives)
+    stage: str = "pretrain"  # pretrain | sft | dpo: the objective the loop trains (megads/train/objectives)
     max_steps: int = 100
     micro_batch_size: int = 4  # sequences per rank per micro step
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
@@ -223,12 +223,29 @@ class SFTConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Preference tuning (train.stage: dpo)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+    reference: str = "precomputed"  # precomputed (first pass, cached with the data) | resident (frozen copy)
+
+    def validate(self, where: str = "dpo") -> None:
+        _positive(self, where, ["beta"])
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):
+            _bad(where, "loss_type", f"must be sigmoid, ipo or hinge, got {self.loss_type!r}")
+        if self.reference not in ("precomputed", "resident"):
+            _bad(where, "reference", f"must be precomputed or resident, got {self.reference!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -236,6 +253,7 @@ class Config:
         self.train.validate()
         self.data.validate()
         self.sft.validate()
+        self.dpo.validate()
         if self.model.num_heads % self.parallel.tp:
             _bad("parallel", "tp", f"must divide model.num_heads ({self.model.num_heads}), got {self.parallel.tp}")
         if self.model.n_routed_experts and self.model.n_routed_experts % self.parallel.ep:
@@ -250,8 +268,8 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
-            "sft": SFTConfig}
-STAGES = ("pretrain", "sft")
+            "sft": SFTConfig, "dpo": DPOConfig}
+STAGES = ("pretrain", "sft", "dpo")
 
 
 # ---------------------------------------------------------------- helpers

@@ -75,3 +75,33 @@ def build_sft_jsonl(out: str | os.PathLike, max_samples: int = 4000) -> Path:
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def corrupt(body: str, seed: int) -> str:
+    """A plausible-looking wrong version of a function: its body lines in reversed order (the
+    `def` line kept), or, for one-line bodies, the returned expression replaced by `None`."""
+    lines = body.splitlines()
+    head, rest = lines[:1], lines[1:]
+    if len(rest) >= 2:
+        return "\n".join(head + rest[::-1])
+    return "\n".join(head + [ln.split("return")[0] + "return None" if "return" in ln else ln + "  # TODO"
+                             for ln in rest])
+
+
+def build_preference_jsonl(out: str | os.PathLike, max_samples: int = 4000) -> Path:
+    """Preference pairs: the real stdlib function (chosen) against a corrupted one (rejected)."""
+    out = Path(out)
+    if out.is_file() and out.stat().st_size > 0:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (module, sig, doc, body) in enumerate(function_pairs(max_samples)):
+            bad = corrupt(body, i)
+            if bad == body:
+                continue
+            prompt = [{"role": "user", "content": f"Write `{sig.rstrip(':')}` for the Python module {module}: {doc}"}]
+            f.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": body}],
+                                "rejected": [{"role": "assistant", "content": bad}]}) + "\n")
+    os.replace(tmp, out)
+    return out

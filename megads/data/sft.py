@@ -215,3 +215,93 @@ def split_rows(ds, split: str, seed: int = 0) -> tuple[RowSubset, RowSubset | No
     order = np.random.RandomState(seed).permutation(n)
     valid = RowSubset(ds, np.sort(order[:n_valid])) if n_valid else None
     return RowSubset(ds, np.sort(order[n_valid:])), valid
+
+
+# ------------------------------------------------------------------ preference pairs (DPO)
+def render_pair(tok, rec: dict) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
+    """A preference record {"prompt", "chosen", "rejected"} (strings, or message lists rendered with
+    the chat template) -> ((chosen ids, mask), (rejected ids, mask)); masks 1 on the response."""
+    if not isinstance(rec, dict) or not all(k in rec for k in ("prompt", "chosen", "rejected")):
+        raise ValueError("expected 'prompt', 'chosen' and 'rejected'")
+    return (render_record(tok, {"prompt": rec["prompt"], "completion": rec["chosen"]}),
+            render_record(tok, {"prompt": rec["prompt"], "completion": rec["rejected"]}))
+
+
+def tokenize_pairs(path: str, tok, cache_dir: str, on_error: str = "skip") -> list[str]:
+    """Preference JSONL -> cached indexed datasets [chosen tokens, chosen mask, rejected tokens,
+    rejected mask] (aligned by record); prefixes returned. Errors as in tokenize_sft."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: data file not found")
+    prefix = cache_prefix(path, tok, cache_dir, kind="pref")
+    names = [f"{prefix}.{x}" for x in ("chosen", "chosen_mask", "rejected", "rejected_mask")]
+    if all(exists(n) for n in names):
+        return names
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    builders = [IndexedDatasetBuilder(n, best_dtype(tok.vocab_size) if i % 2 == 0 else np.uint16)
+                for i, n in enumerate(names)]
+    n_ok, skipped = 0, 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    (cw, mw), (cl, ml) = render_pair(tok, json.loads(raw.decode("utf-8")))
+                    if not any(mw) or not any(ml):
+                        raise ValueError("an empty chosen or rejected response")
+                except (ValueError, UnicodeDecodeError) as e:
+                    msg = f"{path}:{lineno}: {e}"
+                    if on_error == "fail":
+                        raise DataError(msg) from None
+                    skipped += 1
+                    if skipped <= 20:
+                        log.warning("skipped %s", msg)
+                    continue
+                for b, x in zip(builders, (cw, mw, cl, ml)):
+                    b.add_document(x)
+                n_ok += 1
+        if n_ok == 0:
+            raise DataError(f"{path}: no usable preference records ({skipped} malformed skipped)")
+        for b in builders:
+            b.finalize()
+    except BaseException:
+        for b in builders:
+            b.abort()
+        raise
+    return names
+
+
+class PairDataset:
+    """Preference pairs as padded rows: `tokens` [2, S], `labels` [2, S] (-100 off the response),
+    chosen first. `ref` (optional, [N, 2] float64) adds the reference log-probs of the pair."""
+
+    def __init__(self, parts: list[list[IndexedDataset]], seq_len: int, pad_id: int = 0):
+        self.parts, self.seq_len, self.pad_id = parts, seq_len, pad_id
+        self.index = [(p, i) for p, part in enumerate(parts) for i in range(len(part[0]))]
+        self.ref = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _row(self, ids, mask):
+        S = self.seq_len
+        ids = np.asarray(ids, dtype=np.int64)[: S + 1]
+        mask = np.asarray(mask, dtype=np.int64)[: S + 1]
+        n = len(ids) - 1
+        tokens = np.full(S, self.pad_id, dtype=np.int64)
+        labels = np.full(S, -100, dtype=np.int64)
+        tokens[:n] = ids[:-1]
+        lab = ids[1:].copy()
+        lab[mask[1:] == 0] = -100
+        labels[:n] = lab
+        return tokens, labels
+
+    def __getitem__(self, i: int) -> dict:
+        p, k = self.index[i]
+        cw, mw, cl, ml = (d[k] for d in self.parts[p])
+        tw, lw = self._row(cw, mw)
+        tl, ll = self._row(cl, ml)
+        out = {"tokens": np.stack([tw, tl]), "labels": np.stack([lw, ll]), "index": i}
+        if self.ref is not None:
+            out["ref"] = self.ref[i]
+        return out

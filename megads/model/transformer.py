@@ -24,6 +24,7 @@ class LMOutput:
     mtp_loss: torch.Tensor
     aux_loss: torch.Tensor
     num_tokens: torch.Tensor  # label tokens counted in lm_loss
+    token_losses: torch.Tensor | None = None  # [B, S] per-token cross-entropy (0 where ignored), on request
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,7 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
-                naive: bool = False, doc_ids=None, num_items=None):
+                naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -186,6 +187,9 @@ class Transformer(nn.Module):
         doc_ids [B, S] (training, packed samples; -1 = padding): attention stays inside each
         document. num_items [1 + mtp_depth]: divide the summed LM and MTP losses by these (the
         global batch's token counts per micro-batch share) instead of taking per-batch means.
+        token_losses: also return the per-token cross-entropy [B, S] (vocab-parallel, with
+        gradient; for sequence log-probs, e.g. DPO), skip the MTP losses, and make `loss` the MoE
+        balance term alone (with its gradient).
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
@@ -216,11 +220,15 @@ class Transformer(nn.Module):
         n = valid.sum()
         lm_loss = losses.sum() / (n.clamp_min(1) if num_items is None else num_items[0])
         mtp_loss = h.new_zeros((), dtype=torch.float32)
-        if self.mtp:
+        if self.mtp and not token_losses:
             mtp_loss, mtp_aux = self._mtp_loss(h, labels, positions, tokens, attention_mask, doc_ids, num_items)
             aux_total = aux_total + mtp_aux
         loss = lm_loss + self.cfg.mtp_lambda * mtp_loss + aux_total
-        return LMOutput(loss, lm_loss.detach(), mtp_loss.detach(), aux_total.detach(), n)
+        per_token = None
+        if token_losses:  # the caller builds its own loss from these; `loss` is the balance term alone
+            per_token = losses.view(B, S).masked_fill(labels == -100, 0.0)
+            loss = aux_total
+        return LMOutput(loss, lm_loss.detach(), mtp_loss.detach(), aux_total.detach(), n, per_token)
 
     def _mtp_loss(self, h, labels, positions, tokens, attention_mask=None, doc_ids=None, num_items=None):
         """Depth k predicts t_{i+k+1} (= labels[i+k]) from h^{k-1}_i and Emb(t_{i+k}) (= tokens[i+k],

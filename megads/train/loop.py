@@ -119,12 +119,12 @@ class Trainer:
 
         from megads.train import objectives
 
+        self.objective = objectives.build(cfg)
         if datasets is not None:
             self.train_ds, self.valid_ds, self.tokenizer = datasets
         else:
-            self.tokenizer = None
-            self.train_ds, self.valid_ds, self.tokenizer = objectives.build(cfg).datasets(self)
-        self.objective = objectives.build(cfg, self.tokenizer)
+            self.train_ds, self.valid_ds, self.tokenizer = self.objective.datasets(self)
+        self.objective.tokenizer = self.tokenizer
         if self.tokenizer is not None and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size})")
@@ -159,6 +159,9 @@ class Trainer:
                                run_id=self.run_id)
         for n in notes:
             self.metrics.write(n)
+        note = self.objective.prepare(self)
+        if note:
+            self.metrics.write(note)
         if resume_path is not None:
             self.metrics.write(f"resumed from {resume_path} at step {self.step} (run {self.run_id} continues)")
         else:

@@ -76,6 +76,32 @@ class SyntheticSFT:
         return self.rows[i]
 
 
+class SyntheticPairs:
+    """Preference pairs [2, S] (chosen, rejected) sharing a prompt, responses of uneven lengths."""
+
+    def __init__(self, n, seq, vocab, seed):
+        rng = np.random.RandomState(seed)
+        self.rows, self.ref = [], None
+        for i in range(n):
+            prompt = int(rng.randint(1, seq // 2))
+            tok = np.zeros((2, seq), dtype=np.int64)
+            lab = np.full((2, seq), -100, dtype=np.int64)
+            tok[:, :prompt] = rng.randint(0, vocab, prompt)
+            for j in range(2):
+                end = int(rng.randint(prompt + 1, seq + 1))
+                tok[j, prompt:end] = rng.randint(0, vocab, end - prompt)
+                nxt = (tok[j] * 3 + 1 + j) % vocab
+                lab[j, prompt - 1:end - 1] = nxt[prompt - 1:end - 1]
+            self.rows.append({"tokens": tok, "labels": lab, "index": i})
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        return r if self.ref is None else {**r, "ref": self.ref[i]}
+
+
 def overrides(tp, ep, zero, out):
     return [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.zero_stage={zero}",
             "model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=128",
@@ -105,7 +131,7 @@ def main():
     pstate.init_distributed(os.environ.get("MEGADS_EQUIV_BACKEND", "gloo"), 120)
     t = cfg.train
     n = max(64, t.max_steps * t.global_batch_size)
-    kind = SyntheticSFT if t.stage == "sft" else Synthetic
+    kind = {"sft": SyntheticSFT, "dpo": SyntheticPairs}.get(t.stage, Synthetic)
     data = (kind(n, t.seq_len, cfg.model.vocab_size, 1), kind(16, t.seq_len, cfg.model.vocab_size, 2), None)
     tr = Trainer(cfg, resume="none", datasets=data)
     tr.train()

@@ -70,6 +70,32 @@ LAYOUTS = {
 }
 
 
+DPO = ["train.stage=dpo", "dpo.beta=0.5", "train.lr=0.003"]  # precomputed reference, computed in each layout
+
+
+@pytest.fixture(scope="module")
+def single_dpo(tmp_path_factory):
+    return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single_dpo"), extra=DPO + ["train.micro_batch_size=8"])
+
+
+DPO_LAYOUTS = {
+    "dpo_tp2": (2, 2, 1, 0),
+    "dpo_ep2": (2, 1, 2, 0),
+    "dpo_dp2_zero1": (2, 1, 1, 1),
+    "dpo_dp2_zero2": (2, 1, 1, 2),
+    "dpo_tp2_ep2": (4, 2, 2, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(DPO_LAYOUTS))
+def test_dpo_layout_matches_single_process(name, single_dpo, tmp_path):
+    """DPO (chosen and rejected in one forward, the reference's first pass in the same layout)."""
+    world, tp, ep, zero = DPO_LAYOUTS[name]
+    if world > MAX_WORLD:
+        pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
+    _assert_equal(single_dpo, run_layout(world, tp, ep, zero, tmp_path, extra=DPO), ep)
+
+
 SFT_LAYOUTS = {
     "sft_tp2": (2, 2, 1, 0),
     "sft_ep2": (2, 1, 2, 0),

@@ -30,6 +30,11 @@ class Objective:
         """(train, valid) datasets for this stage."""
         raise NotImplementedError
 
+    def prepare(self, loop) -> str | None:
+        """After the model is built (and resumed): stage set-up such as a reference model; returns
+        a line for the log, or None."""
+        return None
+
     def collate(self, rows: list[dict], device) -> dict:
         raise NotImplementedError
 
