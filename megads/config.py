@@ -138,7 +138,8 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoints."""
 
-    stage: str = "pretrain"  # pretrain | sft | dpo: the objective the loop trains (megads/train/objectives)
+    stage: str = "pretrain"  # pretrain | sft | dpo | distill: the objective the loop trains (megads/train/objectives)
+    init_from: str = ""  # start from a megads model dir (a run's final/) or an HF DeepSeek dir; fresh optimizer
     max_steps: int = 100
     micro_batch_size: int = 4  # sequences per rank per micro step
     global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
@@ -239,6 +240,23 @@ class DPOConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Logit distillation from a frozen teacher (train.stage: distill) on SFT-format data."""
+
+    teacher: str = ""  # a megads model dir or an HF DeepSeek dir (any size, the student's vocabulary)
+    loss: str = "forward_kl"  # forward_kl (KL(teacher||student)) | reverse_kl | jsd
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd: m = beta*teacher + (1-beta)*student; beta*KL(t||m) + (1-beta)*KL(s||m)
+
+    def validate(self, where: str = "distill") -> None:
+        _positive(self, where, ["temperature"])
+        if self.loss not in ("forward_kl", "reverse_kl", "jsd"):
+            _bad(where, "loss", f"must be forward_kl, reverse_kl or jsd, got {self.loss!r}")
+        if not 0.0 < self.beta < 1.0:
+            _bad(where, "beta", f"must be in (0, 1), got {self.beta}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -246,6 +264,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -254,6 +273,9 @@ class Config:
         self.data.validate()
         self.sft.validate()
         self.dpo.validate()
+        self.distill.validate()
+        if self.train.stage == "distill" and not self.distill.teacher:
+            _bad("distill", "teacher", "train.stage distill needs a teacher model directory")
         if self.model.num_heads % self.parallel.tp:
             _bad("parallel", "tp", f"must divide model.num_heads ({self.model.num_heads}), got {self.parallel.tp}")
         if self.model.n_routed_experts and self.model.n_routed_experts % self.parallel.ep:
@@ -268,8 +290,8 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
-            "sft": SFTConfig, "dpo": DPOConfig}
-STAGES = ("pretrain", "sft", "dpo")
+            "sft": SFTConfig, "dpo": DPOConfig, "distill": DistillConfig}
+STAGES = ("pretrain", "sft", "dpo", "distill")
 
 
 # ---------------------------------------------------------------- helpers

@@ -25,6 +25,7 @@ class LMOutput:
     aux_loss: torch.Tensor
     num_tokens: torch.Tensor  # label tokens counted in lm_loss
     token_losses: torch.Tensor | None = None  # [B, S] per-token cross-entropy (0 where ignored), on request
+    logits: torch.Tensor | None = None  # [B, S, V/tp] this rank's vocab shard of the logits, on request
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,8 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
-                naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False):
+                naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False,
+                local_logits: bool = False):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -189,7 +191,9 @@ class Transformer(nn.Module):
         global batch's token counts per micro-batch share) instead of taking per-batch means.
         token_losses: also return the per-token cross-entropy [B, S] (vocab-parallel, with
         gradient; for sequence log-probs, e.g. DPO), skip the MTP losses, and make `loss` the MoE
-        balance term alone (with its gradient).
+        balance term alone (with its gradient). local_logits (no labels): an LMOutput whose `logits`
+        are this rank's vocab shard [B, S, V/tp] (distillation without gathering the vocabulary)
+        and whose `loss` is the balance term.
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
@@ -212,6 +216,9 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(S)
         hn = self.norm(h)
+        if local_logits:
+            zero = h.new_zeros((), dtype=torch.float32)
+            return LMOutput(aux_total, zero, zero, aux_total.detach(), tokens.new_zeros(()), None, self._logits(hn))
         if labels is None:
             logits = self._logits(hn)
             return gather_from_tp(logits, self.tp_group).float()

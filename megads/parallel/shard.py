@@ -65,3 +65,44 @@ def gather_full_state(model, ps) -> dict:
             t = torch.cat(parts, dim=dim)
         out[name] = t.clone()
     return out
+
+
+def load_shards_from_safetensors(model, file, ps, skip=()) -> None:
+    """Fill this rank's shards straight from a full-model safetensors file: each tensor is read
+    sliced (safetensors reads only the bytes of the slice), so no rank holds the full model.
+    Every parameter and buffer of `model` must be in the file (a tied head excepted)."""
+    from safetensors import safe_open
+
+    from megads.errors import CheckpointError
+
+    specs = shard_specs(model)
+    sizes = {"tp": (ps.layout.tp, ps.tp_rank), "ep": (ps.layout.ep, ps.ep_rank)}
+    own = model.state_dict(keep_vars=True)
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+    with handle as f, torch.no_grad():
+        names = set(f.keys())
+        for name, t in own.items():
+            if name in skip or name.startswith("_deepspeed"):
+                continue
+            if name not in names:
+                if name == "head.weight" and getattr(model.cfg, "tie_embeddings", False):
+                    continue
+                raise CheckpointError(f"{file}: missing tensor {name!r}")
+            sl = f.get_slice(name)
+            shape = sl.get_shape()
+            index = [slice(None)] * len(shape)
+            if name in specs:
+                kind, dim = specs[name]
+                n, r = sizes[kind]
+                if shape[dim] % n:
+                    raise CheckpointError(f"{file}: {name!r} dim {dim} ({shape[dim]}) does not split {n} ways")
+                step = shape[dim] // n
+                index[dim] = slice(r * step, (r + 1) * step)
+            src = sl[tuple(index)]
+            if tuple(src.shape) != tuple(t.shape):
+                raise CheckpointError(f"{file}: {name!r} has shape {tuple(shape)}, this model's shard is "
+                                      f"{tuple(t.shape)} (another model config?)")
+            t.copy_(src)

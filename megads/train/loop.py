@@ -180,9 +180,35 @@ class Trainer:
         np.random.seed(self.cfg.train.seed)
         full = Transformer(self.cfg.model)
         if self.ps.layout.tp == 1 and self.ps.layout.ep == 1:
-            return full
-        model = Transformer(self.cfg.model, par=build_model_par(self.cfg, self.ps))
-        load_full_state(model, full.state_dict(), self.ps)
+            model = full
+        else:
+            model = Transformer(self.cfg.model, par=build_model_par(self.cfg, self.ps))
+            load_full_state(model, full.state_dict(), self.ps)
+        if self.cfg.train.init_from:
+            from megads.train import init
+
+            src = self.cfg.train.init_from
+            init.check_same_shapes(self.cfg.model, init.model_config_of(src), src)
+            init.load_into(model, src, self.ps)
+        return model
+
+    def build_frozen(self, path: str) -> Transformer:
+        """A frozen model from `path` in this run's layout (a distillation teacher)."""
+        from megads.parallel import build_model_par
+        from megads.train import init
+
+        mcfg = init.model_config_of(path)
+        if mcfg.vocab_size != self.cfg.model.vocab_size:
+            raise ConfigError(f"distill.teacher {path}: vocab_size {mcfg.vocab_size} differs from the student's "
+                              f"{self.cfg.model.vocab_size} (the same tokenizer is needed)")
+        if mcfg.num_heads % self.ps.layout.tp or (mcfg.n_routed_experts and mcfg.n_routed_experts % self.ps.layout.ep):
+            raise ConfigError(f"distill.teacher {path}: its heads ({mcfg.num_heads}) / experts "
+                              f"({mcfg.n_routed_experts}) do not divide over tp={self.ps.layout.tp}, ep={self.ps.layout.ep}")
+        tcfg = Config(model=mcfg, parallel=self.cfg.parallel)
+        par = build_model_par(tcfg, self.ps) if (self.ps.layout.tp > 1 or self.ps.layout.ep > 1) else None
+        model = Transformer(mcfg, par=par).to(self.device)  # (its random init is overwritten)
+        init.load_into(model, path, self.ps)
+        model.eval().requires_grad_(False)
         return model
 
     def _setup_grad_norm(self) -> None:

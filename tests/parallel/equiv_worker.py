@@ -131,14 +131,14 @@ def main():
     pstate.init_distributed(os.environ.get("MEGADS_EQUIV_BACKEND", "gloo"), 120)
     t = cfg.train
     n = max(64, t.max_steps * t.global_batch_size)
-    kind = {"sft": SyntheticSFT, "dpo": SyntheticPairs}.get(t.stage, Synthetic)
+    kind = {"sft": SyntheticSFT, "distill": SyntheticSFT, "dpo": SyntheticPairs}.get(t.stage, Synthetic)
     data = (kind(n, t.seq_len, cfg.model.vocab_size, 1), kind(16, t.seq_len, cfg.model.vocab_size, 2), None)
     tr = Trainer(cfg, resume="none", datasets=data)
     tr.train()
     full = tr.full_state()
     if tr.rank == 0:
         torch.save({"losses": [r["loss"] for r in tr.history], "state": full,
-                    "grad_norm": [r["grad_norm"] for r in tr.history],
+                    "grad_norm": [r["grad_norm"] for r in tr.history], "grad_clip": cfg.train.grad_clip,
                     "a2a": [r.get("a2a_bytes_per_token", 0.0) for r in tr.history],
                     "step_time": [r["step_time_s"] for r in tr.history],
                     "tokens_per_s": [r["tokens_per_s"] for r in tr.history]}, os.path.join(a.out, "result.pt"))

@@ -96,6 +96,57 @@ def test_dpo_layout_matches_single_process(name, single_dpo, tmp_path):
     _assert_equal(single_dpo, run_layout(world, tp, ep, zero, tmp_path, extra=DPO), ep)
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A teacher of another size than the workers' student (wider, 4 layers), same vocabulary."""
+    from megads.config import load_config
+    from megads.model import Transformer
+    from megads.model.io import save_model
+
+    cfg = load_config(None, ["model.vocab_size=128", "model.hidden_size=96", "model.intermediate_size=192",
+                             "model.moe_intermediate_size=32", "model.num_layers=4", "model.num_heads=4",
+                             "model.kv_lora_rank=32", "model.q_lora_rank=24", "model.qk_nope_head_dim=16",
+                             "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.n_routed_experts=8",
+                             "model.num_experts_per_tok=2", "model.n_group=2", "model.topk_group=1",
+                             "model.max_seq_len=64", "train.seq_len=16"]).model
+    torch.manual_seed(11)
+    return save_model(Transformer(cfg), tmp_path_factory.mktemp("teacher"))
+
+
+def _kd(teacher):
+    # (its gradients are small: clip lower so that clipping acts here too)
+    return ["train.stage=distill", f"distill.teacher={teacher}", "distill.loss=forward_kl", "distill.temperature=1.0",
+            "train.grad_clip=0.01"]
+
+
+@pytest.fixture(scope="module")
+def single_kd(tmp_path_factory, teacher):
+    return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single_kd"), extra=_kd(teacher) + ["train.micro_batch_size=8"])
+
+
+KD_LAYOUTS = {
+    "kd_tp2": (2, 2, 1, 0),
+    "kd_ep2": (2, 1, 2, 0),
+    "kd_dp2_zero1": (2, 1, 1, 1),
+    "kd_dp2_zero2": (2, 1, 1, 2),
+    "kd_tp2_ep2": (4, 2, 2, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(KD_LAYOUTS))
+def test_distill_layout_matches_single_process(name, single_kd, teacher, tmp_path):
+    """Logit KD: vocab-parallel under TP, the teacher in the same layout, uneven masks."""
+    world, tp, ep, zero = KD_LAYOUTS[name]
+    if world > MAX_WORLD:
+        pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
+    # the KL of two close distributions is a difference of near-equal float32 sums: its gradient
+    # norm agrees to ~5e-5 across reduction orders at step 3 (losses to 1e-5, weights to 1e-4, as
+    # everywhere). With JSD at T=2 the weights drifted to 2e-4 (Adam's g/sqrt(v) amplifies those
+    # rounding differences on rarely-hit embedding rows); JSD and reverse KL are checked against
+    # float64, values and gradients, in tests/train/test_distill.py.
+    _assert_equal(single_kd, run_layout(world, tp, ep, zero, tmp_path, extra=_kd(teacher)), ep, gn_rel=1e-4)
+
+
 SFT_LAYOUTS = {
     "sft_tp2": (2, 2, 1, 0),
     "sft_ep2": (2, 1, 2, 0),
@@ -125,13 +176,13 @@ def test_sft_layout_matches_single_process(name, single_sft, tmp_path):
     _assert_equal(single_sft, run_layout(world, tp, ep, zero, tmp_path, extra=SFT), ep)
 
 
-def _assert_equal(single, got, ep):
+def _assert_equal(single, got, ep, gn_rel=1e-5):
     assert len(got["losses"]) == len(single["losses"]) == 3
     for a, b in zip(single["losses"], got["losses"]):
         assert abs(a - b) <= 1e-5 * abs(a), (single["losses"], got["losses"])
-    assert all(g > 1.0 for g in single["grad_norm"]), single["grad_norm"]  # clipping acts every step
+    assert all(g > single["grad_clip"] for g in single["grad_norm"]), single["grad_norm"]  # clipping acts every step
     for a, b in zip(single["grad_norm"], got["grad_norm"]):
-        assert abs(a - b) <= 1e-5 * abs(a), (single["grad_norm"], got["grad_norm"])
+        assert abs(a - b) <= gn_rel * abs(a), (single["grad_norm"], got["grad_norm"])
     assert set(got["state"]) == set(single["state"])
     for k, ref in single["state"].items():
         diff = (got["state"][k].float() - ref.float()).abs().max().item()

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from megads.errors import ConfigError
 from megads.train.objectives.base import Objective
+from megads.train.objectives.distill import DistillObjective
 from megads.train.objectives.dpo import DPOObjective
 from megads.train.objectives.pretrain import PretrainObjective
 from megads.train.objectives.sft import SFTObjective
 
-OBJECTIVES: dict[str, type[Objective]] = {"pretrain": PretrainObjective, "sft": SFTObjective, "dpo": DPOObjective}
+OBJECTIVES: dict[str, type[Objective]] = {"pretrain": PretrainObjective, "sft": SFTObjective, "dpo": DPOObjective, "distill": DistillObjective}
 
 
 def build(cfg, tokenizer=None) -> Objective:
