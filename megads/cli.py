@@ -56,7 +56,12 @@ def _cmd_generate(args) -> int:
     tok_path = args.tokenizer or args.checkpoint
     tok = load_tokenizer(tok_path)
     prompts = args.prompt or [""]
-    ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
+    if args.chat:  # each prompt is one user turn under the megads-chat-v1 template
+        from megads.data.sft import render_chat
+
+        ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+    else:
+        ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
     S = max(len(x) for x in ids)
     pad = tok.pad_id if tok.pad_id is not None else 0
     batch = torch.full((len(ids), S), pad, dtype=torch.long)
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--chat", action="store_true",
+                    help="wrap each prompt as a user turn of the megads-chat-v1 template (SFT/DPO models)")
     sp.set_defaults(func=_cmd_generate)
 
     for mod in ("megads.hf", "megads.data.cli"):

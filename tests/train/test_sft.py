@@ -204,6 +204,9 @@ def test_megads_train_stage_sft(corpus, tmp_path):
     assert [x["step"] for x in recs] == list(range(1, 9))
     assert all(x["num_loss_tokens"] > 0 and 0 < x["packing_efficiency"] <= 1 for x in recs)
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5  # it learns the answers
+    r = megads("generate", "--checkpoint", str(tmp_path / "run" / "final"), "--chat", "--prompt", "alpha beta",
+               "--max-new-tokens", "4")
+    assert r.returncode == 0 and "--- prompt 0: 'alpha beta'" in r.stdout, r.stderr[-2000:]
     bad = _jsonl(tmp_path / "bad.jsonl", _chats(3), ['{"prompt": 1, "completion": 2}\n'])
     r = megads(*train_args(corpus, tmp_path / "run2", extra=[*extra[:1], f"data.paths={bad}", "data.on_error=fail",
                                                               f"data.cache_dir={tmp_path / 'cache'}"]))

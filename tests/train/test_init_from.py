@@ -1,0 +1,48 @@
+"""train.init_from: a run's final/ (read shard by shard under TP) and an HF export of it start a
+new stage from the same weights: equal first losses, far below a fresh model's, TP2 = 1 process."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, megads, step_losses, train_args
+
+
+def _two_ranks(args):
+    port = 20000 + os.getpid() % 20000
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
+                           str(port), "--no_local_rank", "--module", "megads", *args], cwd=str(ROOT), env=e,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_init_from_megads_and_hf_dirs(corpus, reference, tmp_path):
+    ref_out, ref_losses, _ = reference
+    final = ref_out / "final"
+    extra = [f"train.init_from={final}", "train.save_interval=100"]
+    r = megads(*train_args(corpus, tmp_path / "a", steps=2, extra=extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = step_losses(tmp_path / "a")
+    assert a[1] < ref_losses[1] - 0.5  # it starts from the trained weights, not a fresh init
+    r = _two_ranks(train_args(corpus, tmp_path / "tp", steps=2, extra=[*extra, "parallel.tp=2"]))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    tp = step_losses(tmp_path / "tp")
+    for s in a:
+        assert tp[s] == pytest.approx(a[s], rel=1e-5), (a, tp)
+    r = megads("convert", "megads-to-hf", str(final), str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = megads(*train_args(corpus, tmp_path / "b", steps=2, extra=[f"train.init_from={tmp_path / 'hf'}",
+                                                                   "train.save_interval=100"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert step_losses(tmp_path / "b")[1] == pytest.approx(a[1], rel=1e-5)
+
+
+def test_init_from_errors(corpus, reference, tmp_path):
+    ck = reference[0] / "checkpoints" / "step-6"
+    r = megads(*train_args(corpus, tmp_path / "c", extra=[f"train.init_from={ck}"]))
+    assert r.returncode == 2 and "final/" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = megads(*train_args(corpus, tmp_path / "d", extra=[f"train.init_from={reference[0] / 'final'}",
+                                                          "model.hidden_size=96"]))
+    assert r.returncode == 2 and "model.hidden_size" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
