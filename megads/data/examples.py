@@ -60,21 +60,28 @@ def function_pairs(max_samples: int = 4000, max_chars: int = 1200):
                 return
 
 
-def build_sft_jsonl(out: str | os.PathLike, max_samples: int = 4000) -> Path:
-    """Write the docstring -> function chat samples to `out` (atomically); reuse an existing file."""
+def _write_jsonl(out: str | os.PathLike, records) -> Path:
+    """Write records (atomically) unless `out` already exists with content."""
     out = Path(out)
     if out.is_file() and out.stat().st_size > 0:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for module, sig, doc, body in function_pairs(max_samples):
-            rec = {"messages": [
-                {"role": "user", "content": f"Write `{sig.rstrip(':')}` for the Python module {module}: {doc}"},
-                {"role": "assistant", "content": body}]}
+        for rec in records:
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def _ask(module: str, sig: str, doc: str) -> dict:
+    return {"role": "user", "content": f"Write `{sig.rstrip(':')}` for the Python module {module}: {doc}"}
+
+
+def build_sft_jsonl(out: str | os.PathLike, max_samples: int = 4000) -> Path:
+    """The docstring -> function chat samples, written to `out`."""
+    return _write_jsonl(out, ({"messages": [_ask(m, s, d), {"role": "assistant", "content": b}]}
+                              for m, s, d, b in function_pairs(max_samples)))
 
 
 def corrupt(body: str, seed: int) -> str:
@@ -90,18 +97,11 @@ def corrupt(body: str, seed: int) -> str:
 
 def build_preference_jsonl(out: str | os.PathLike, max_samples: int = 4000) -> Path:
     """Preference pairs: the real stdlib function (chosen) against a corrupted one (rejected)."""
-    out = Path(out)
-    if out.is_file() and out.stat().st_size > 0:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    def records():
         for i, (module, sig, doc, body) in enumerate(function_pairs(max_samples)):
             bad = corrupt(body, i)
-            if bad == body:
-                continue
-            prompt = [{"role": "user", "content": f"Write `{sig.rstrip(':')}` for the Python module {module}: {doc}"}]
-            f.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": body}],
-                                "rejected": [{"role": "assistant", "content": bad}]}) + "\n")
-    os.replace(tmp, out)
-    return out
+            if bad != body:
+                yield {"prompt": [_ask(module, sig, doc)], "chosen": [{"role": "assistant", "content": body}],
+                       "rejected": [{"role": "assistant", "content": bad}]}
+
+    return _write_jsonl(out, records())

@@ -89,29 +89,29 @@ def cache_prefix(path: str, tok, cache_dir: str, kind: str = "sft") -> str:
     return str(Path(cache_dir) / f"{Path(path).stem}-{kind}-{digest}")
 
 
-def tokenize_sft(path: str, tok, cache_dir: str, on_error: str = "skip", batch: int = 512) -> tuple[str, str]:
-    """Tokenise one JSONL file into cached (tokens, mask) indexed datasets; return their prefixes.
-    Reused when the file, tokenizer and template are unchanged. Malformed lines: DataError
-    `file:line: reason` (on_error='fail') or skipped and counted (logged)."""
+def _tokenize_jsonl(path: str, tok, cache_dir: str, kind: str, parts: list[str], render, on_error: str) -> list[str]:
+    """Stream a JSONL file through `render(record) -> [ids/mask lists, one per part]` into aligned
+    cached indexed datasets `<cache>.<part>`; reused when file, tokenizer and template are
+    unchanged. A malformed line: DataError `file:line: reason` (on_error='fail') or skipped and
+    counted (logged)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found")
-    prefix = cache_prefix(path, tok, cache_dir)
-    tprefix, mprefix = prefix + ".tokens", prefix + ".mask"
-    if exists(tprefix) and exists(mprefix):
-        return tprefix, mprefix
+    prefix = cache_prefix(path, tok, cache_dir, kind=kind)
+    names = [f"{prefix}.{p}" for p in parts]
+    if all(exists(n) for n in names):
+        return names
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tb = IndexedDatasetBuilder(tprefix, best_dtype(tok.vocab_size))
-    mb = IndexedDatasetBuilder(mprefix, np.uint16)  # (the indexed format stores uint16 or int32)
-    n, skipped = 0, 0
+    # token ids in the vocabulary's dtype; masks in uint16 (the indexed format stores uint16 or int32)
+    builders = [IndexedDatasetBuilder(n, np.uint16 if "mask" in p else best_dtype(tok.vocab_size))
+                for n, p in zip(names, parts)]
+    n_ok, skipped = 0, 0
     try:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
                 try:
-                    ids, mask = render_record(tok, json.loads(raw.decode("utf-8")))
-                    if not any(mask):
-                        raise ValueError("no assistant/completion tokens to learn from")
+                    seqs = render(json.loads(raw.decode("utf-8")))
                 except (ValueError, UnicodeDecodeError) as e:
                     msg = f"{path}:{lineno}: {e}"
                     if on_error == "fail":
@@ -120,51 +120,78 @@ def tokenize_sft(path: str, tok, cache_dir: str, on_error: str = "skip", batch: 
                     if skipped <= 20:
                         log.warning("skipped %s", msg)
                     continue
-                tb.add_document(ids)
-                mb.add_document(mask)
-                n += 1
-        if n == 0:
+                for b, x in zip(builders, seqs):
+                    b.add_document(x)
+                n_ok += 1
+        if n_ok == 0:
             raise DataError(f"{path}: no usable records ({skipped} malformed skipped)")
-        tb.finalize()
-        mb.finalize()
+        for b in builders:
+            b.finalize()
     except BaseException:
-        tb.abort()
-        mb.abort()
+        for b in builders:
+            b.abort()
         raise
-    log.info("tokenised %s: %d samples, %d skipped", path, n, skipped)
-    return tprefix, mprefix
+    log.info("tokenised %s: %d records, %d skipped", path, n_ok, skipped)
+    return names
+
+
+def tokenize_sft(path: str, tok, cache_dir: str, on_error: str = "skip") -> tuple[str, str]:
+    """One chat / prompt-completion JSONL file -> cached (tokens, mask) indexed datasets."""
+    def render(rec):
+        ids, mask = render_record(tok, rec)
+        if not any(mask):
+            raise ValueError("no assistant/completion tokens to learn from")
+        return ids, mask
+
+    t, m = _tokenize_jsonl(path, tok, cache_dir, "sft", ["tokens", "mask"], render, on_error)
+    return t, m
 
 
 class PackedSFTDataset:
     """Rows of exactly `seq_len` tokens for SFT: `tokens`, `labels` (-100 where there is no loss),
     `doc_ids` (-1 on padding) and `positions` (restarting at 0 in every sample).
 
-    pack=True: samples, in a seeded order, are placed greedily into rows (a sample that does not
-    fit in the current row's room starts a new row: no sample is split); pack=False: one sample
-    per row, padded. A sample longer than seq_len + 1 tokens is truncated. Padding-free within a
-    row: only the row's tail is padding.
+    pack=True: samples are bin-packed into rows (best fit, longest first; no sample is split), the
+    rows then shuffled with the seed; only a row's tail can be padding, and little is left (a few
+    percent on skewed lengths, bench/RESULTS.md). pack=False: one sample per row, padded. A sample
+    longer than seq_len + 1 tokens is truncated.
     """
 
     def __init__(self, pairs: list[tuple[IndexedDataset, IndexedDataset]], seq_len: int, seed: int,
                  pack: bool = True, loss_on: str = "assistant", pad_id: int = 0):
         self.seq_len, self.pad_id, self.loss_on = seq_len, pad_id, loss_on
         self.docs = [(t, m, i) for t, m in pairs for i in range(len(t))]
-        order = np.random.RandomState(seed).permutation(len(self.docs))
-        rows, cur, room = [], [], seq_len
-        for d in order:
-            t, _, k = self.docs[d]
-            n = min(len(t[k]) - 1, seq_len)
+        lengths = [min(len(t[k]) - 1, seq_len) for t, _, k in self.docs]
+        rng = np.random.RandomState(seed)
+        if not pack:
+            rows = [[int(d)] for d in rng.permutation(len(self.docs)) if lengths[d] > 0]
+        else:
+            rows = self._best_fit_decreasing(lengths, seq_len)
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        self.rows = rows
+
+    @staticmethod
+    def _best_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
+        """Bin-pack samples into rows of seq_len: longest first, each into the open row with the
+        least room that still fits it (O(n log n) with a sorted list of rooms)."""
+        import bisect
+
+        rows: list[list[int]] = []
+        rooms: list[tuple[int, int]] = []  # sorted (room left, row id)
+        for d in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+            n = lengths[d]
             if n <= 0:
                 continue
-            if not pack or n > room:
-                if cur:
-                    rows.append(cur)
-                cur, room = [], seq_len
-            cur.append(int(d))
-            room -= n
-        if cur:
-            rows.append(cur)
-        self.rows = rows
+            j = bisect.bisect_left(rooms, (n, -1))
+            if j < len(rooms):
+                room, r = rooms.pop(j)
+            else:
+                room, r = seq_len, len(rows)
+                rows.append([])
+            rows[r].append(d)
+            if room - n > 0:
+                bisect.insort(rooms, (room - n, r))
+        return rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -229,46 +256,15 @@ def render_pair(tok, rec: dict) -> tuple[tuple[list[int], list[int]], tuple[list
 
 def tokenize_pairs(path: str, tok, cache_dir: str, on_error: str = "skip") -> list[str]:
     """Preference JSONL -> cached indexed datasets [chosen tokens, chosen mask, rejected tokens,
-    rejected mask] (aligned by record); prefixes returned. Errors as in tokenize_sft."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: data file not found")
-    prefix = cache_prefix(path, tok, cache_dir, kind="pref")
-    names = [f"{prefix}.{x}" for x in ("chosen", "chosen_mask", "rejected", "rejected_mask")]
-    if all(exists(n) for n in names):
-        return names
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    builders = [IndexedDatasetBuilder(n, best_dtype(tok.vocab_size) if i % 2 == 0 else np.uint16)
-                for i, n in enumerate(names)]
-    n_ok, skipped = 0, 0
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    (cw, mw), (cl, ml) = render_pair(tok, json.loads(raw.decode("utf-8")))
-                    if not any(mw) or not any(ml):
-                        raise ValueError("an empty chosen or rejected response")
-                except (ValueError, UnicodeDecodeError) as e:
-                    msg = f"{path}:{lineno}: {e}"
-                    if on_error == "fail":
-                        raise DataError(msg) from None
-                    skipped += 1
-                    if skipped <= 20:
-                        log.warning("skipped %s", msg)
-                    continue
-                for b, x in zip(builders, (cw, mw, cl, ml)):
-                    b.add_document(x)
-                n_ok += 1
-        if n_ok == 0:
-            raise DataError(f"{path}: no usable preference records ({skipped} malformed skipped)")
-        for b in builders:
-            b.finalize()
-    except BaseException:
-        for b in builders:
-            b.abort()
-        raise
-    return names
+    rejected mask] (aligned by record); prefixes returned."""
+    def render(rec):
+        (cw, mw), (cl, ml) = render_pair(tok, rec)
+        if not any(mw) or not any(ml):
+            raise ValueError("an empty chosen or rejected response")
+        return cw, mw, cl, ml
+
+    return _tokenize_jsonl(path, tok, cache_dir, "pref", ["chosen", "chosen_mask", "rejected", "rejected_mask"],
+                           render, on_error)
 
 
 class PairDataset:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -347,7 +348,8 @@ class Trainer:
             rec = {"step": step + 1, **means, **self.objective.step_metrics(tokens.cpu(), tokens_per_step),
                    "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                    "mfu": self.flops_per_token * tokens_per_step / dt / (self.peak * self.world),
-                   "step_time_s": dt, "skipped": int(skipped), "bad_steps_total": self.bad_total + int(skipped)}
+                   "step_time_s": dt, "skipped": int(skipped), "bad_steps_total": self.bad_total + int(skipped),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             rec.update(self._dispatch_stats())
             if skipped:
                 self.bad_total += 1

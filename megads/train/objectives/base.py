@@ -52,3 +52,49 @@ class Objective:
 
     def step_metrics(self, counts: torch.Tensor, world_tokens: int) -> dict:
         return {}
+
+
+def jsonl_inputs(objective, loop, builtin_name: str, build_builtin) -> list[str]:
+    """The stage's JSONL files (data.paths), or with data.builtin_corpus the builtin example file
+    `builtin_name` (made by `build_builtin(path)` on rank 0) and the builtin tokenizer; sets
+    `objective.tokenizer`. ConfigError when there is no data or no tokenizer."""
+    from megads.data.tokenizer import load_tokenizer
+    from megads.errors import ConfigError
+
+    cfg = objective.cfg
+    paths, tok_dir = list(cfg.data.paths), cfg.data.tokenizer
+    if not paths and cfg.data.builtin_corpus:
+        from megads.data import builtin_paths, prepare_builtin
+
+        jsonl = f"{cfg.data.data_dir}/{builtin_name}"
+        if loop.rank == 0:
+            prepare_builtin(cfg.data)
+            build_builtin(jsonl)
+        loop._barrier()
+        paths, tok_dir = [jsonl], builtin_paths(cfg.data)[1]
+    if not paths:
+        raise ConfigError(f"data.paths: train.stage {cfg.train.stage} needs JSONL files, or data.builtin_corpus: true")
+    if objective.tokenizer is None:
+        if not tok_dir:
+            raise ConfigError(f"data.tokenizer: train.stage {cfg.train.stage} needs a tokenizer directory")
+        objective.tokenizer = load_tokenizer(tok_dir)
+    return paths
+
+
+def on_rank0(loop, fn):
+    """Collective: fn() on rank 0 (e.g. tokenising into the shared cache), its result on every
+    rank; a user error there is raised on every rank alike."""
+    from megads.errors import DataError, MegadsError
+
+    result, err = None, None
+    if loop.rank == 0:
+        try:
+            result = fn()
+        except MegadsError as e:
+            err = str(e)
+    result, err = loop._from_rank0((result, err))
+    if err is not None:
+        e = DataError(err)
+        e.every_rank = True
+        raise e
+    return result

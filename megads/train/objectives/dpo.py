@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,41 +51,15 @@ class DPOObjective(Objective):
 
     # ------------------------------------------------------------------ data
     def datasets(self, loop):
+        from megads.data.examples import build_preference_jsonl
         from megads.data.indexed import IndexedDataset
         from megads.data.sft import PairDataset, split_rows, tokenize_pairs
-        from megads.data.tokenizer import load_tokenizer
-        from megads.errors import ConfigError, DataError, MegadsError
+        from megads.train.objectives.base import jsonl_inputs, on_rank0
 
         cfg = self.cfg
-        paths, tok_dir = list(cfg.data.paths), cfg.data.tokenizer
-        if not paths and cfg.data.builtin_corpus:
-            from megads.data import builtin_paths, prepare_builtin
-            from megads.data.examples import build_preference_jsonl
-
-            jsonl = f"{cfg.data.data_dir}/dpo_stdlib_functions.jsonl"
-            if loop.rank == 0:
-                prepare_builtin(cfg.data)
-                build_preference_jsonl(jsonl)
-            loop._barrier()
-            paths, tok_dir = [jsonl], builtin_paths(cfg.data)[1]
-        if not paths:
-            raise ConfigError("data.paths: dpo needs preference JSONL files ({prompt, chosen, rejected}), "
-                              "or data.builtin_corpus: true")
-        if self.tokenizer is None:
-            if not tok_dir:
-                raise ConfigError("data.tokenizer: dpo needs a tokenizer directory")
-            self.tokenizer = load_tokenizer(tok_dir)
-        names, err = [], None
-        if loop.rank == 0:
-            try:
-                names = [tokenize_pairs(p, self.tokenizer, cfg.data.cache_dir, cfg.data.on_error) for p in paths]
-            except MegadsError as e:
-                err = str(e)
-        names, err = loop._from_rank0((names, err))
-        if err is not None:
-            e = DataError(err)
-            e.every_rank = True
-            raise e
+        paths = jsonl_inputs(self, loop, "dpo_stdlib_functions.jsonl", build_preference_jsonl)
+        names = on_rank0(loop, lambda: [tokenize_pairs(p, self.tokenizer, cfg.data.cache_dir, cfg.data.on_error)
+                                        for p in paths])
         self.cache_key = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:12]
         self.pairs = PairDataset([[IndexedDataset(n) for n in part] for part in names], cfg.train.seq_len,
                                  pad_id=self.tokenizer.pad_id or 0)
@@ -129,13 +104,16 @@ class DPOObjective(Objective):
                           f"dpo.reference: resident)")
             e.every_rank = True
             raise e
+        t0 = time.perf_counter()
         self.pairs.ref = self._compute_reference(loop, self.pairs)
+        seconds = time.perf_counter() - t0
         if loop.rank == 0:
             tmp = path.with_name(path.name + ".tmp.npy")
             np.save(tmp, self.pairs.ref)
             tmp.replace(path)
         loop._barrier()
-        return f"dpo: reference log-probs computed in a first pass over {len(self.pairs)} pairs, cached in {path}"
+        return (f"dpo: reference log-probs computed in a first pass over {len(self.pairs)} pairs in {seconds:.1f} s, "
+                f"cached in {path}")
 
     def _init_key(self) -> str:
         c = self.cfg

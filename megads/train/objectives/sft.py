@@ -1,6 +1,7 @@
 """Supervised fine-tuning (the `sft` stage): chat or prompt/completion JSONL, loss on the
 assistant/completion tokens (`sft.loss_on`), samples packed into rows with per-document attention
-(no token attends across a sample boundary; positions restart), padding-free by default.
+(no token attends across a sample boundary; positions restart), best-fit packed so that little
+but a row's tail is padding.
 
 Distillation by SFT on teacher traces (DeepSeek-R1's recipe for its distilled models) is this
 stage on the teacher's JSONL: no separate code.
@@ -17,44 +18,15 @@ class SFTObjective(LMObjective):
     name = "sft"
 
     def datasets(self, loop):
+        from megads.data.examples import build_sft_jsonl
         from megads.data.indexed import IndexedDataset
         from megads.data.sft import PackedSFTDataset, split_rows, tokenize_sft
-        from megads.errors import ConfigError, DataError, MegadsError
-
-        from megads.data.tokenizer import load_tokenizer
+        from megads.train.objectives.base import jsonl_inputs, on_rank0
 
         cfg = self.cfg
-        paths, tok_dir = list(cfg.data.paths), cfg.data.tokenizer
-        if not paths and cfg.data.builtin_corpus:
-            # docstring -> function chats from the stdlib, with the builtin corpus's tokenizer
-            from megads.data import builtin_paths, prepare_builtin
-            from megads.data.examples import build_sft_jsonl
-
-            jsonl = f"{cfg.data.data_dir}/sft_stdlib_functions.jsonl"
-            if loop.rank == 0:
-                prepare_builtin(cfg.data)
-                build_sft_jsonl(jsonl)
-            loop._barrier()
-            paths, tok_dir = [jsonl], builtin_paths(cfg.data)[1]
-        if not paths:
-            raise ConfigError("data.paths: sft needs JSONL files (chat or prompt/completion records), "
-                              "or data.builtin_corpus: true")
-        if self.tokenizer is None:
-            if not tok_dir:
-                raise ConfigError("data.tokenizer: sft needs a tokenizer directory")
-            self.tokenizer = load_tokenizer(tok_dir)
-        prefixes, err = [], None
-        if loop.rank == 0:  # one process tokenises (cached), the others wait and read the cache
-            try:
-                prefixes = [tokenize_sft(p, self.tokenizer, cfg.data.cache_dir, cfg.data.on_error) for p in paths]
-            except MegadsError as e:
-                err = str(e)
-        prefixes, err = loop._from_rank0((prefixes, err))
-        if err is not None:
-            e = DataError(err)
-            e.every_rank = True
-            raise e
-        prefixes = loop._from_rank0(prefixes)
+        paths = jsonl_inputs(self, loop, "sft_stdlib_functions.jsonl", build_sft_jsonl)
+        prefixes = on_rank0(loop, lambda: [tokenize_sft(p, self.tokenizer, cfg.data.cache_dir, cfg.data.on_error)
+                                           for p in paths])
         pairs = [(IndexedDataset(t), IndexedDataset(m)) for t, m in prefixes]
         full = PackedSFTDataset(pairs, cfg.train.seq_len, cfg.train.seed, pack=cfg.sft.packing,
                                 loss_on=cfg.sft.loss_on, pad_id=self.tokenizer.pad_id or 0)
