@@ -500,7 +500,23 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|_scale_inv)$")
 
 
-def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool, check_finite: bool = False) -> None:
+def fill_sharded(model, path: str | os.PathLike, slicer) -> None:
+    """Fill a model built in a parallel layout straight from an HF directory, tensor by tensor:
+    `slicer(md_name, full_tensor, expert)` -> (this rank's slice, local expert index), or
+    (None, None) for an expert another rank holds. No rank materialises the full model."""
+    path = Path(path)
+    d = read_hf_config(path)
+    cfg = model.cfg
+    reader = _HFReader(path, d.get("quantization_config"))
+    try:
+        interleaved = d.get("model_type") == V2 or bool(d.get("rope_interleave", True))
+        _fill(model, cfg, reader, interleaved, slicer=slicer)
+    finally:
+        reader.close()
+
+
+def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool, check_finite: bool = False,
+          slicer=None) -> None:
     targets = model.state_dict(keep_vars=True)
     every = weight_map(cfg)
     entries = [e for e in every if not e.export_only]
@@ -514,6 +530,12 @@ def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool, check_f
     n_layers = cfg.num_layers + cfg.mtp_depth
 
     def put(md: str, t: torch.Tensor, expert: int | None, src: str, fused: bool = False) -> None:
+        full_expert = expert
+        if slicer is not None:  # a sharded model: keep this rank's part only
+            t, expert = slicer(md, t, expert)
+            if t is None:
+                filled.add((md, full_expert))
+                return
         dst = targets[md] if expert is None else targets[md][expert]
         if tuple(t.shape) != tuple(dst.shape):
             raise CheckpointError(f"{reader.path}: tensor {src!r} has shape {tuple(t.shape)}, "
@@ -523,7 +545,7 @@ def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool, check_f
         if check_finite:  # the value as written (after the cast to the model's dtype)
             label = f"{src!r}" + (f" (expert {expert})" if fused else "")
             _check_finite(dst, reader.path / reader.where[src], label, source=t)
-        filled.add((md, expert))
+        filled.add((md, full_expert))
 
     for name in reader.names():
         e = by_hf.get(name)

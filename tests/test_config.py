@@ -226,3 +226,12 @@ def test_yaml_syntax_error_names_file_and_line_in_a_real_process(tmp_path):
     line = r.stderr.split("broken.yaml", 1)[1]
     assert line.startswith(":") and line[1].isdigit()  # file:line
     assert 3 <= int(line[1:].split(":")[0]) <= 5
+
+
+def test_a_bare_string_is_a_list_of_one_and_stage_sections():
+    cfg = load_config(None, ["data.paths=x.jsonl", "train.stage=sft", "sft.loss_on=all", "dpo.loss_type=ipo"])
+    assert cfg.data.paths == ["x.jsonl"] and cfg.train.stage == "sft" and cfg.sft.loss_on == "all"
+    for bad, key in (["train.stage=rl"], "train.stage"), (["dpo.loss_type=kto"], "dpo.loss_type"), \
+            (["train.stage=distill"], "distill.teacher"), (["distill.loss=l2"], "distill.loss"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, bad)

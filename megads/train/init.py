@@ -2,10 +2,12 @@
 
 A megads model directory (config.yaml + model.safetensors: a run's `final/`, or a `megads convert
 hf-to-megads` result) is read shard by shard: each rank reads only its TP/EP slices. An HF
-DeepSeek-V2/V3 directory (config.json) is converted on the fly by megads.hf (each rank reads the
-full checkpoint, then keeps its shards: convert it once with `megads convert hf-to-megads` to get
-the sliced reads). A training checkpoint (`checkpoints/step-N`) is refused with a hint: its
-weights are in the layout that wrote it; its run's `final/` is layout-free.
+DeepSeek-V2/V3 directory (config.json) is converted on the fly, tensor by tensor (megads.hf
+fill_sharded): each rank reads one HF tensor at a time, converts it and keeps its slice (its
+routed experts only), so no rank holds the full model. A training checkpoint
+(`checkpoints/step-N`) loads in the layout that wrote it (each rank its own module file and expert
+shards, verified against the manifest); another layout is refused with a hint: its run's `final/`
+is layout-free.
 """
 from __future__ import annotations
 
@@ -25,26 +27,97 @@ def model_config_of(path: str):
         from megads.hf import config_from_hf, read_hf_config
 
         return config_from_hf(read_hf_config(p))
-    if (p / "trainer_state.pt").is_file() or (p / "COMPLETE").is_file():
-        raise CheckpointError(f"{path}: a training checkpoint holds weights in the layout that wrote it; "
-                              f"start from its run's final/ directory instead")
+    if is_training_checkpoint(p):
+        from megads.checkpoint import store
+        from megads.config import model_config_from_dict
+
+        state = store.read_trainer_state(p)  # collective: verified against its manifest first
+        return model_config_from_dict(dict(state["config"]["model"]))
     raise CheckpointError(f"{path}: not a megads model dir (config.yaml + model.safetensors) or an HF dir (config.json)")
+
+
+def is_training_checkpoint(p: Path) -> bool:
+    return (p / "trainer_state.pt").is_file() or (p / "COMPLETE").is_file()
+
+
+def load_training_checkpoint(model, path: Path, ps) -> None:
+    """The weights of a training checkpoint (`checkpoints/step-N`) written in this same layout:
+    this TP rank's DeepSpeed module file and this rank's expert shards; no optimizer, RNG or step.
+    Another layout is refused (one line): its run's final/ is layout-free."""
+    import torch
+    import torch.distributed as dist
+
+    from megads.checkpoint import store
+
+    state = store.read_trainer_state(path)
+    here = dict(vars(ps.layout))
+    if state.get("layout") != here:
+        raise CheckpointError(f"train.init_from {path}: written by the layout {state.get('layout')}, this run is "
+                              f"{here}; a training checkpoint loads only in its own layout (start from its run's "
+                              f"final/, which any layout reads)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    module_file = path / f"mp_rank_{ps.tp_rank:02d}_model_states.pt"
+    try:
+        module = torch.load(module_file, map_location="cpu", weights_only=False, mmap=True)["module"]
+        shards = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=False)["rank_state"]
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read its model files ({type(e).__name__}: {e})") from None
+    experts = {f"{n}.{k}" for n, m in model.named_modules() for k in ("w1", "w2", "w3")
+               if type(m).__name__ == "Experts"}
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, t in own.items():
+            if name.startswith("_deepspeed"):
+                continue
+            if name in experts and shards:
+                continue
+            if name not in module:
+                raise CheckpointError(f"{module_file}: no tensor {name!r}")
+            t.copy_(module[name])
+        for i, m in enumerate(model.moe_layers()):  # the order the trainer saved them in
+            for k, p in m.experts.named_parameters():
+                if f"{i}.{k}" in shards:
+                    p.copy_(shards[f"{i}.{k}"])
 
 
 def load_into(model, path: str, ps) -> None:
     """Fill `model` (built in this rank's layout) with the weights of `path`."""
     p = Path(path)
+    if is_training_checkpoint(p):
+        load_training_checkpoint(model, p, ps)
+        return
     if (p / "model.safetensors").is_file() and (p / "config.yaml").is_file():
         from megads.parallel.shard import load_shards_from_safetensors
 
         load_shards_from_safetensors(model, p / "model.safetensors", ps)
         return
     from megads import hf
-    from megads.parallel.shard import load_full_state
 
-    full = hf.load(p)
-    load_full_state(model, full.state_dict(), ps)
-    del full
+    hf.fill_sharded(model, p, slicer(model, ps))
+
+
+def slicer(model, ps):
+    """(megads name, full tensor, expert index) -> this rank's slice and local expert index, or
+    (None, None) for an expert another EP rank holds (see megads.parallel.shard.shard_specs)."""
+    from megads.parallel.shard import shard_specs
+
+    specs = shard_specs(model)
+    local = {n: t.shape for n, t in model.state_dict().items()}
+    tp, ep = ps.layout.tp, ps.layout.ep
+
+    def cut(name, t, expert):
+        kind, dim = specs.get(name, (None, 0))
+        if kind == "ep" and ep > 1:
+            n_local = local[name][0]
+            lo = ps.ep_rank * n_local
+            if expert is None:
+                return t[lo:lo + n_local], None
+            return (t, expert - lo) if lo <= expert < lo + n_local else (None, None)
+        if kind == "tp" and tp > 1:
+            return t.chunk(tp, dim)[ps.tp_rank], expert
+        return t, expert
+
+    return cut
 
 
 def check_same_shapes(cfg_model, loaded, path: str) -> None:

@@ -37,12 +37,46 @@ def test_init_from_megads_and_hf_dirs(corpus, reference, tmp_path):
                                                                    "train.save_interval=100"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert step_losses(tmp_path / "b")[1] == pytest.approx(a[1], rel=1e-5)
+    # the HF directory read tensor by tensor into TP and EP shards (each rank keeps its experts)
+    for name, layout in (("hf_tp", "parallel.tp=2"), ("hf_ep", "parallel.ep=2")):
+        r = _two_ranks(train_args(corpus, tmp_path / name, steps=2, extra=[f"train.init_from={tmp_path / 'hf'}",
+                                                                          "train.save_interval=100", layout]))
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        got = step_losses(tmp_path / name)
+        for s in a:
+            assert got[s] == pytest.approx(a[s], rel=1e-5), (name, a, got)
+
+
+def test_init_from_a_training_checkpoint_in_its_own_layout(corpus, reference, tmp_path):
+    ck = reference[0] / "checkpoints" / "step-6"  # the same weights as its run's final/
+    r = megads(*train_args(corpus, tmp_path / "f", steps=2, extra=[f"train.init_from={reference[0] / 'final'}",
+                                                                   "train.save_interval=100"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = megads(*train_args(corpus, tmp_path / "c", steps=2, extra=[f"train.init_from={ck}", "train.save_interval=100"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    f, c = step_losses(tmp_path / "f"), step_losses(tmp_path / "c")
+    for s in f:
+        assert c[s] == pytest.approx(f[s], rel=1e-6), (f, c)
+    r = _two_ranks(train_args(corpus, tmp_path / "x", steps=2, extra=[f"train.init_from={ck}", "parallel.tp=2"]))
+    assert r.returncode == 2 and "its own layout" in r.stderr + r.stdout and "Traceback" not in r.stderr, \
+        (r.stdout + r.stderr)[-2000:]
 
 
 def test_init_from_errors(corpus, reference, tmp_path):
-    ck = reference[0] / "checkpoints" / "step-6"
-    r = megads(*train_args(corpus, tmp_path / "c", extra=[f"train.init_from={ck}"]))
-    assert r.returncode == 2 and "final/" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     r = megads(*train_args(corpus, tmp_path / "d", extra=[f"train.init_from={reference[0] / 'final'}",
                                                           "model.hidden_size=96"]))
     assert r.returncode == 2 and "model.hidden_size" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_init_from_an_ep2_training_checkpoint(corpus, tmp_path):
+    """Expert shards come from each rank's own file: EP2 step-N == EP2 from the run's final/."""
+    r = _two_ranks(train_args(corpus, tmp_path / "ep", steps=4, extra=["parallel.ep=2"]))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got = {}
+    for name, src in (("from_ck", tmp_path / "ep" / "checkpoints" / "step-4"), ("from_final", tmp_path / "ep" / "final")):
+        r = _two_ranks(train_args(corpus, tmp_path / name, steps=2, extra=[f"train.init_from={src}", "parallel.ep=2",
+                                                                          "train.save_interval=100"]))
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        got[name] = step_losses(tmp_path / name)
+    for s in got["from_final"]:
+        assert got["from_ck"][s] == pytest.approx(got["from_final"][s], rel=1e-6), got
