@@ -1,11 +1,12 @@
 """Parallel == single process: every layout reproduces the single-process losses and weights.
 
-For TP2, EP2, DP2 with ZeRO-1, DP2 with ZeRO-2, TP2xEP2 (4 ranks) and EP2xDP2 with ZeRO-1
-(4 ranks), and TP2 with sequence parallelism (alone and with EP2, ZeRO-1): 3 optimizer steps
-from the same initial weights and data as one process, on gloo, through the real Trainer and
-DeepSpeed engine, with gradient clipping on at the default 1.0 (the norm is above it at every
-step, so every step is clipped). Per-step loss and gradient norm within 1e-5 relative, final
-parameters within 1e-4 (fp32).
+Pre-training for TP2, EP2, DP2 with ZeRO-1, DP2 with ZeRO-2, TP2xEP2 (4 ranks), EP2xDP2 with
+ZeRO-1 (4 ranks), and TP2 with sequence parallelism (alone and with EP2, ZeRO-1); SFT (packed),
+DPO and logit distillation for TP2, EP2, DP2 ZeRO-1/2 and TP2xEP2. 3 optimizer steps from the
+same initial weights and data as one process, on gloo, through the real Trainer and DeepSpeed
+engine, with gradient clipping on (the norm is above the threshold at every step, so every step
+is clipped). Per-step loss and gradient norm within 1e-5 relative, final parameters within 1e-4
+(fp32).
 """
 import os
 import socket
@@ -48,16 +49,6 @@ def single(tmp_path_factory):
     return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single"))
 
 
-SFT = ["train.stage=sft", "model.mtp_depth=1"]  # packed rows, uneven masks, per-document attention + MTP
-
-
-@pytest.fixture(scope="module")
-def single_sft(tmp_path_factory):
-    # one micro-batch of the whole global batch: its per-batch mean is the true global mean, which
-    # the layouts (2 sequences a micro-batch, uneven loss tokens per rank) must reproduce
-    return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single_sft"), extra=SFT + ["train.micro_batch_size=8"])
-
-
 LAYOUTS = {
     "tp2": (2, 2, 1, 0),
     "ep2": (2, 1, 2, 0),
@@ -70,32 +61,19 @@ LAYOUTS = {
 }
 
 
-DPO = ["train.stage=dpo", "dpo.beta=0.5", "train.lr=0.003"]  # precomputed reference, computed in each layout
+MAX_WORLD = int(os.environ.get("MEGADS_EQUIV_MAX_WORLD", "4"))  # GPU check: as many ranks as GPUs
 
 
-@pytest.fixture(scope="module")
-def single_dpo(tmp_path_factory):
-    return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single_dpo"), extra=DPO + ["train.micro_batch_size=8"])
-
-
-DPO_LAYOUTS = {
-    "dpo_tp2": (2, 2, 1, 0),
-    "dpo_ep2": (2, 1, 2, 0),
-    "dpo_dp2_zero1": (2, 1, 1, 1),
-    "dpo_dp2_zero2": (2, 1, 1, 2),
-    "dpo_tp2_ep2": (4, 2, 2, 0),
-}
-
-
-@pytest.mark.parametrize("name", list(DPO_LAYOUTS))
-def test_dpo_layout_matches_single_process(name, single_dpo, tmp_path):
-    """DPO (chosen and rejected in one forward, the reference's first pass in the same layout)."""
-    world, tp, ep, zero = DPO_LAYOUTS[name]
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, single, tmp_path):
+    world, tp, ep, zero, *extra = LAYOUTS[name]
     if world > MAX_WORLD:
         pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
-    _assert_equal(single_dpo, run_layout(world, tp, ep, zero, tmp_path, extra=DPO), ep)
+    got = run_layout(world, tp, ep, zero, tmp_path, extra=extra[0] if extra else ())
+    _assert_equal(single, got, ep)
 
 
+# ------------------------------------------------------------------ the post-training stages
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A teacher of another size than the workers' student (wider, 4 layers), same vocabulary."""
@@ -113,67 +91,43 @@ def teacher(tmp_path_factory):
     return save_model(Transformer(cfg), tmp_path_factory.mktemp("teacher"))
 
 
-def _kd(teacher):
-    # (its gradients are small: clip lower so that clipping acts here too)
-    return ["train.stage=distill", f"distill.teacher={teacher}", "distill.loss=forward_kl", "distill.temperature=1.0",
-            "train.grad_clip=0.01"]
-
-
-@pytest.fixture(scope="module")
-def single_kd(tmp_path_factory, teacher):
-    return run_layout(1, 1, 1, 0, tmp_path_factory.mktemp("single_kd"), extra=_kd(teacher) + ["train.micro_batch_size=8"])
-
-
-KD_LAYOUTS = {
-    "kd_tp2": (2, 2, 1, 0),
-    "kd_ep2": (2, 1, 2, 0),
-    "kd_dp2_zero1": (2, 1, 1, 1),
-    "kd_dp2_zero2": (2, 1, 1, 2),
-    "kd_tp2_ep2": (4, 2, 2, 0),
+# stage -> (overrides, gradient-norm tolerance). The single process runs one micro-batch of the
+# whole global batch (its per-batch mean is the true global mean); the layouts run 2 sequences a
+# micro-batch with uneven loss tokens per rank, so only a global-token mean matches.
+STAGES = {
+    # packed rows, uneven masks, per-document attention, + MTP
+    "sft": (["train.stage=sft", "model.mtp_depth=1"], 1e-5),
+    # chosen and rejected in one forward, the precomputed reference's first pass in each layout
+    "dpo": (["train.stage=dpo", "dpo.beta=0.5", "train.lr=0.003"], 1e-5),
+    # logit KD, vocab-parallel under TP, the teacher in the same layout; its gradients are small,
+    # so clipping is set lower to act here too. The KL of two close distributions is a difference
+    # of near-equal float32 sums: its gradient norm agrees to ~5e-5 across reduction orders
+    # (losses to 1e-5, weights to 1e-4, as everywhere). With JSD at T=2 the weights drifted to
+    # 2e-4 (Adam's g/sqrt(v) amplifies rounding on rarely-hit embedding rows); JSD and reverse KL
+    # are checked against float64, values and gradients, in tests/train/test_distill.py.
+    "distill": (["train.stage=distill", "distill.teacher={teacher}", "distill.loss=forward_kl",
+                 "distill.temperature=1.0", "train.grad_clip=0.01"], 1e-4),
 }
+STAGE_LAYOUTS = {"tp2": (2, 2, 1, 0), "ep2": (2, 1, 2, 0), "dp2_zero1": (2, 1, 1, 1), "dp2_zero2": (2, 1, 1, 2),
+                 "tp2_ep2": (4, 2, 2, 0)}
+_singles: dict = {}
 
 
-@pytest.mark.parametrize("name", list(KD_LAYOUTS))
-def test_distill_layout_matches_single_process(name, single_kd, teacher, tmp_path):
-    """Logit KD: vocab-parallel under TP, the teacher in the same layout, uneven masks."""
-    world, tp, ep, zero = KD_LAYOUTS[name]
+def _stage_extra(stage, teacher):
+    return [x.format(teacher=teacher) for x in STAGES[stage][0]]
+
+
+@pytest.mark.parametrize("layout", list(STAGE_LAYOUTS))
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_layout_matches_single_process(stage, layout, teacher, tmp_path_factory, tmp_path):
+    world, tp, ep, zero = STAGE_LAYOUTS[layout]
     if world > MAX_WORLD:
         pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
-    # the KL of two close distributions is a difference of near-equal float32 sums: its gradient
-    # norm agrees to ~5e-5 across reduction orders at step 3 (losses to 1e-5, weights to 1e-4, as
-    # everywhere). With JSD at T=2 the weights drifted to 2e-4 (Adam's g/sqrt(v) amplifies those
-    # rounding differences on rarely-hit embedding rows); JSD and reverse KL are checked against
-    # float64, values and gradients, in tests/train/test_distill.py.
-    _assert_equal(single_kd, run_layout(world, tp, ep, zero, tmp_path, extra=_kd(teacher)), ep, gn_rel=1e-4)
-
-
-SFT_LAYOUTS = {
-    "sft_tp2": (2, 2, 1, 0),
-    "sft_ep2": (2, 1, 2, 0),
-    "sft_dp2_zero1": (2, 1, 1, 1),
-    "sft_dp2_zero2": (2, 1, 1, 2),
-    "sft_tp2_ep2": (4, 2, 2, 0),
-}
-
-MAX_WORLD = int(os.environ.get("MEGADS_EQUIV_MAX_WORLD", "4"))  # GPU check: as many ranks as GPUs
-
-
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, single, tmp_path):
-    world, tp, ep, zero, *extra = LAYOUTS[name]
-    if world > MAX_WORLD:
-        pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
-    got = run_layout(world, tp, ep, zero, tmp_path, extra=extra[0] if extra else ())
-    _assert_equal(single, got, ep)
-
-
-@pytest.mark.parametrize("name", list(SFT_LAYOUTS))
-def test_sft_layout_matches_single_process(name, single_sft, tmp_path):
-    """Packed SFT: the loss is the mean over the global batch's loss tokens, whatever rank holds them."""
-    world, tp, ep, zero = SFT_LAYOUTS[name]
-    if world > MAX_WORLD:
-        pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
-    _assert_equal(single_sft, run_layout(world, tp, ep, zero, tmp_path, extra=SFT), ep)
+    extra = _stage_extra(stage, teacher)
+    if stage not in _singles:
+        _singles[stage] = run_layout(1, 1, 1, 0, tmp_path_factory.mktemp(f"single_{stage}"),
+                                     extra=extra + ["train.micro_batch_size=8"])
+    _assert_equal(_singles[stage], run_layout(world, tp, ep, zero, tmp_path, extra=extra), ep, STAGES[stage][1])
 
 
 def _assert_equal(single, got, ep, gn_rel=1e-5):
