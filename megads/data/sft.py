@@ -14,6 +14,7 @@ Every message is its role token, its content, then `<|eos|>`. `<think>`/`</think
 (content and the closing `<|eos|>`, not the role token) are the ones marked for the loss; a
 generation prompt ends with `<|assistant|>`.
 
+Files are streamed in chunks whose strings are encoded in one parallel `encode_batch` call each.
 Tokenised samples are cached as two Megatron-style indexed datasets under `data.cache_dir`
 (tokens, and a 0/1 loss mask of the same length), keyed by the file's size and mtime, the
 tokenizer's hash and the template, so an unchanged file is tokenised once.
@@ -89,8 +90,51 @@ def cache_prefix(path: str, tok, cache_dir: str, kind: str = "sft") -> str:
     return str(Path(cache_dir) / f"{Path(path).stem}-{kind}-{digest}")
 
 
+def _line_chunks(path: str, size: int = 2048):
+    """(line number, raw bytes) of the non-blank lines of a file, `size` at a time (streamed)."""
+    chunk = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                chunk.append((lineno, raw))
+                if len(chunk) >= size:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+
+
+def _strings(x, out: set) -> set:
+    if isinstance(x, str):
+        out.add(x)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _strings(v, out)
+    elif isinstance(x, list):
+        for v in x:
+            _strings(v, out)
+    return out
+
+
+class _BatchEncoded:
+    """The tokenizer, with every string of a chunk of records encoded up front in one
+    `encode_batch` call (HF tokenizers runs it on all cores); `encode` then looks them up."""
+
+    def __init__(self, tok, records: list):
+        self._tok = tok
+        texts = sorted(_strings(records, set()))
+        self._ids = dict(zip(texts, tok.encode_batch(texts))) if texts else {}
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._ids.get(text)
+        return list(ids) if ids is not None else self._tok.encode(text)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
 def _tokenize_jsonl(path: str, tok, cache_dir: str, kind: str, parts: list[str], render, on_error: str) -> list[str]:
-    """Stream a JSONL file through `render(record) -> [ids/mask lists, one per part]` into aligned
+    """Stream a JSONL file through `render(tokenizer, record) -> [ids/mask lists, one per part]` into aligned
     cached indexed datasets `<cache>.<part>`; reused when file, tokenizer and template are
     unchanged. A malformed line: DataError `file:line: reason` (on_error='fail') or skipped and
     counted (logged)."""
@@ -105,20 +149,32 @@ def _tokenize_jsonl(path: str, tok, cache_dir: str, kind: str, parts: list[str],
     builders = [IndexedDatasetBuilder(n, np.uint16 if "mask" in p else best_dtype(tok.vocab_size))
                 for n, p in zip(names, parts)]
     n_ok, skipped = 0, 0
+
+    def bad(lineno, e):
+        nonlocal skipped
+        msg = f"{path}:{lineno}: {e}"
+        if on_error == "fail":
+            raise DataError(msg) from None
+        skipped += 1
+        if skipped <= 20:
+            log.warning("skipped %s", msg)
+
     try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
+        for chunk in _line_chunks(path):
+            records = []  # (line, record or None, parse error), in file order
+            for lineno, raw in chunk:
                 try:
-                    seqs = render(json.loads(raw.decode("utf-8")))
+                    records.append((lineno, json.loads(raw.decode("utf-8")), None))
                 except (ValueError, UnicodeDecodeError) as e:
-                    msg = f"{path}:{lineno}: {e}"
-                    if on_error == "fail":
-                        raise DataError(msg) from None
-                    skipped += 1
-                    if skipped <= 20:
-                        log.warning("skipped %s", msg)
+                    records.append((lineno, None, e))
+            enc = _BatchEncoded(tok, [r for _, r, _ in records if r is not None])  # one parallel encode_batch
+            for lineno, rec, err in records:
+                try:
+                    if err is not None:
+                        raise err
+                    seqs = render(enc, rec)
+                except (ValueError, UnicodeDecodeError) as e:
+                    bad(lineno, e)
                     continue
                 for b, x in zip(builders, seqs):
                     b.add_document(x)
@@ -137,8 +193,8 @@ def _tokenize_jsonl(path: str, tok, cache_dir: str, kind: str, parts: list[str],
 
 def tokenize_sft(path: str, tok, cache_dir: str, on_error: str = "skip") -> tuple[str, str]:
     """One chat / prompt-completion JSONL file -> cached (tokens, mask) indexed datasets."""
-    def render(rec):
-        ids, mask = render_record(tok, rec)
+    def render(enc, rec):
+        ids, mask = render_record(enc, rec)
         if not any(mask):
             raise ValueError("no assistant/completion tokens to learn from")
         return ids, mask
@@ -257,8 +313,8 @@ def render_pair(tok, rec: dict) -> tuple[tuple[list[int], list[int]], tuple[list
 def tokenize_pairs(path: str, tok, cache_dir: str, on_error: str = "skip") -> list[str]:
     """Preference JSONL -> cached indexed datasets [chosen tokens, chosen mask, rejected tokens,
     rejected mask] (aligned by record); prefixes returned."""
-    def render(rec):
-        (cw, mw), (cl, ml) = render_pair(tok, rec)
+    def render(enc, rec):
+        (cw, mw), (cl, ml) = render_pair(enc, rec)
         if not any(mw) or not any(ml):
             raise ValueError("an empty chosen or rejected response")
         return cw, mw, cl, ml
