@@ -80,7 +80,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from megads.train.loop import run_training
+    from megads.train.run import run_training
 
     try:
         code = run_training(args.config, args.set, resume=args.resume, force=args.force)

@@ -13,7 +13,6 @@ layout).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -27,13 +26,14 @@ import torch.distributed as dist
 
 from megads.checkpoint import compat
 from megads.checkpoint import store as ckpt
-from megads.config import Config, load_config
+from megads.config import Config
 from megads.errors import ConfigError, MegadsError
 from megads.model import Transformer
 from megads.model.info import flops_per_token
 from megads.parallel import state as pstate
 from megads.runtime import rundir
 from megads.runtime.signals import GracefulStop
+from megads.train.dsconfig import deepspeed_config
 from megads.train.metrics import Metrics, measure_peak_flops
 from megads.train.resume import plan_run
 from megads.train.optim import build_optimizer, lr_at
@@ -41,42 +41,6 @@ from megads.train.optim import build_optimizer, lr_at
 log = logging.getLogger(__name__)
 
 EXIT_BAD_STEPS = 3
-
-
-def deepspeed_config(cfg: Config, dp: int) -> dict:
-    """The DeepSpeed JSON generated from the YAML (or the user's own, with our batch facts)."""
-    t = cfg.train
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
-                          f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
-    gas = t.global_batch_size // (t.micro_batch_size * dp)
-    ds = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if t.deepspeed_config:
-        try:
-            user = json.loads(Path(t.deepspeed_config).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{t.deepspeed_config}:{e.lineno}: invalid JSON ({e.msg})") from None
-        for k in ("optimizer", "scheduler"):
-            if k in user:
-                raise ConfigError(f"{t.deepspeed_config}: key {k!r} is not supported: megads builds the "
-                                  f"optimizer and schedule from the train section")
-        ds.update(user)
-        mb, gb = ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]
-        if gb != mb * ds["gradient_accumulation_steps"] * dp:
-            raise ConfigError(f"{t.deepspeed_config}: train_batch_size {gb} != micro {mb} x accumulation "
-                              f"{ds['gradient_accumulation_steps']} x data-parallel {dp}")
-        t.micro_batch_size, t.global_batch_size = mb, gb
-    return ds
 
 
 class Trainer:
@@ -314,7 +278,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> int:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         tokens_per_step = t.global_batch_size * t.seq_len
         consecutive_bad = 0
         last_saved = None
@@ -508,38 +472,3 @@ class Trainer:
         for r, p in enumerate(prompts):
             text = tok.decode([x for x in out[r, S:].tolist() if x != pad])
             self.metrics.write(f"--- {p!r}\n{p}{text}")
-
-
-def run_training(config_path, overrides, resume: str = "auto", force: bool = False) -> int:
-    """`megads train`: start torch.distributed from the launcher's environment, watch the other
-    ranks' heartbeats (a lost rank ends every survivor within parallel.timeout_s with a message
-    naming it, instead of a hang), train, and leave together."""
-    from megads.parallel import faults
-
-    cfg = load_config(config_path, overrides)
-    pstate.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
-    stop = GracefulStop(cfg.train.save_on_signal, announce=(dist.get_rank() if dist.is_initialized() else 0) == 0)
-    watchdog = faults.start_watchdog(cfg.parallel.timeout_s)  # None in a world of one
-    try:
-        trainer = Trainer(cfg, resume=resume, force=force, stop=stop if cfg.train.save_on_signal else None)
-        code = trainer.train()
-        faults.stop_watchdog(watchdog, barrier=True)  # no rank leaves while another still watches
-        watchdog = None
-        return code
-    except MegadsError:
-        raise
-    except Exception as e:
-        msg = faults.describe_collective_error(e) if dist.is_initialized() and dist.get_world_size() > 1 else None
-        if msg is None:
-            raise
-        log.debug("collective failed", exc_info=True)
-        faults.fail(msg)  # exits hard: the process group cannot be torn down cleanly now
-        raise  # unreachable
-    finally:
-        stop.restore()
-        faults.stop_watchdog(watchdog)
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
