@@ -120,11 +120,19 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None  # tokens per expert of the last forward
         self.last_aux: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, D] -> (y [B, S, D], sequence-wise balance loss (0 when alpha = 0))."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> (y [B, S, D], sequence-wise balance loss (0 when alpha = 0)).
+
+        token_mask [B, S_full] (packed SFT rows: False on padding): padding is still routed (its
+        output is never used) but not counted in the expert loads that drive the bias update."""
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         weights, indices, counts, logits = self.gate(flat)
+        if token_mask is not None:
+            if self.sp_group is not None:  # this rank's sequence chunk
+                token_mask = token_mask.chunk(group_size(self.sp_group), dim=1)[group_rank(self.sp_group)]
+            keep = token_mask.reshape(B * S)
+            counts = torch.bincount(indices[keep].reshape(-1), minlength=self.cfg.n_routed_experts).to(counts.dtype)
         self.last_counts = counts.detach()
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.training and self.cfg.seq_aux_alpha > 0:

@@ -75,10 +75,10 @@ class Block(nn.Module):
             self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, par.get("tp_group"), sp)
         self.is_moe = moe
 
-    def forward(self, h, cos, sin, cache=None, start=0, attn_mask=None, naive=False):
+    def forward(self, h, cos, sin, cache=None, start=0, attn_mask=None, naive=False, token_mask=None):
         h = h + self.attn(self.attn_norm(h), cos, sin, cache, start, attn_mask, naive)
         if self.is_moe:
-            y, aux = self.ffn(self.ffn_norm(h))
+            y, aux = self.ffn(self.ffn_norm(h), token_mask)
         else:
             y, aux = self.ffn(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
         return h + y, aux
@@ -97,9 +97,9 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, cfg.num_layers + depth, cfg.n_routed_experts > 0, par)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev, emb, cos, sin, attn_mask=None):
+    def forward(self, h_prev, emb, cos, sin, attn_mask=None, token_mask=None):
         x = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb)], dim=-1))
-        h, aux = self.block(x, cos, sin, attn_mask=attn_mask)
+        h, aux = self.block(x, cos, sin, attn_mask=attn_mask, token_mask=token_mask)
         return h, aux
 
 
@@ -200,18 +200,21 @@ class Transformer(nn.Module):
         naive = naive or bool(cache is not None and cache.naive)
         if positions is None:
             positions = torch.arange(start, start + S, device=tokens.device)
+        token_mask = None
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids is for training on packed rows, not for cached generation")
             attention_mask = document_mask(doc_ids)
+            token_mask = doc_ids >= 0  # padding: not counted in the expert loads
         h = self._embed(tokens)
         # full-sequence rope tables: under sequence parallelism MLA gathers the sequence first
         cos, sin = self.rope(positions, h.dtype)
         aux_total = h.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
+            kw = {"token_mask": token_mask} if token_mask is not None else {}
             h, aux = self._run_block(block, h, cos, sin, cache=layer_cache, start=start,
-                                     attn_mask=attention_mask, naive=naive)
+                                     attn_mask=attention_mask, naive=naive, **kw)
             aux_total = aux_total + aux
         if cache is not None:
             cache.advance(S)
@@ -261,7 +264,10 @@ class Transformer(nn.Module):
                 mask = attention_mask[:, :L].bool() if attention_mask is not None else None  # left padding
                 if mask is not None:  # no MTP target from a padding position's hidden state
                     tgt = tgt.masked_fill(~mask, -100)
-            hk, aux = module(h_prev[:, :L], emb, cos, sin, mask)
+            # counted in the expert loads: positions whose depth-k target is in their own document
+            # (the same set however the documents are laid out in rows)
+            tmask = ((doc_ids[:, :L] >= 0) & (doc_ids[:, :L] == doc_ids[:, k:k + L])) if doc_ids is not None else None
+            hk, aux = module(h_prev[:, :L], emb, cos, sin, mask, token_mask=tmask)
             aux_total = aux_total + aux
             logits = self.head(module.norm(hk))
             losses = self._ce(logits, tgt)

@@ -135,7 +135,10 @@ def test_packed_equals_unpacked_loss_and_gradients(tok, tmp_path):
     np_, nu = loss_token_counts(bp["labels"], 1, bp["doc_ids"]), loss_token_counts(bu["labels"], 1, bu["doc_ids"])
     assert torch.equal(np_, nu)  # the same loss tokens, LM and MTP
     op, gp = _loss_and_grads(model, bp, np_)
+    cp = model.expert_counts()
     ou, gu = _loss_and_grads(model, bu, nu)
+    cu = model.expert_counts()
+    assert torch.equal(cp, cu) and int(cp[0].sum()) == 2 * int((bp["doc_ids"] >= 0).sum())  # padding not counted
     # (the cross-entropy runs in float32 whatever the model's dtype: float32 rounding, not 1e-12)
     assert float(op.lm_loss) == pytest.approx(float(ou.lm_loss), rel=1e-6)
     assert float(op.mtp_loss) == pytest.approx(float(ou.mtp_loss), rel=1e-6)
