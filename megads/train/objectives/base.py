@@ -14,10 +14,12 @@ update, eval, checkpoints, signals and metrics. An objective
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 
 
-class Objective:
+class Objective(abc.ABC):
     name = "base"
     # metrics averaged over micro-batches and data-parallel ranks (the rest come from step_metrics)
     averaged = ("loss",)
@@ -26,29 +28,34 @@ class Objective:
         self.cfg = cfg
         self.tokenizer = tokenizer
 
+    @abc.abstractmethod
     def datasets(self, loop):
-        """(train, valid) datasets for this stage."""
-        raise NotImplementedError
+        """(train, valid or None, tokenizer) for this stage."""
+        ...
 
     def prepare(self, loop) -> str | None:
         """After the model is built (and resumed): stage set-up such as a reference model; returns
         a line for the log, or None."""
         return None
 
+    @abc.abstractmethod
     def collate(self, rows: list[dict], device) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def count(self, batch: dict) -> torch.Tensor:
         """float64 [K] tokens counted by each loss term of this micro-batch."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def forward(self, engine, batch: dict, denom: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(loss, {name: detached scalar}) with loss term k = sum over tokens / denom[k]."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def eval_loss(self, engine, batch: dict) -> float:
         """A validation figure for one micro-batch (the main loss, per-micro mean)."""
-        raise NotImplementedError
+        ...
 
     def step_metrics(self, counts: torch.Tensor, world_tokens: int) -> dict:
         return {}
