@@ -23,9 +23,13 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "math-verify>=0.5",  # answer checking for the accuracy reward (megads.rl.rewards)
+        "matplotlib>=3.6",  # recipe / run plots
+        "scipy>=1.10",
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.48"],
+        "bench": ["trl>=0.20"],  # the GRPO peer in bench/grpo.py
         "mpi": ["mpich"],
     },
     entry_points={"console_scripts": ["megads=megads.cli:main"]},

@@ -136,6 +136,23 @@ def _cmd_checkpoint_verify(args) -> int:
     return 2 if bad else 0
 
 
+def _cmd_rejection(args) -> int:
+    from megads.rl.rejection import run_rejection
+
+    code = run_rejection(args.config, args.set, force=args.force)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def _cmd_recipe(args) -> int:
+    from megads.rl.recipe import run_recipe
+
+    return run_recipe(args.recipe, args.set, force=args.force)
+
+
 def _cmd_launch(args) -> int:
     from megads.train.launch import launch_local
 
@@ -172,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nproc", type=int, default=2)
     sp.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "torchrun", "mpiexec", "python"])
     sp.set_defaults(func=_cmd_launch)
+
+    sp = sub.add_parser("rejection-sample", help="sample N completions per prompt from a checkpoint, keep the "
+                        "verified ones (rules), write chat JSONL for SFT + a stats file")
+    with_config(sp)
+    sp.add_argument("--force", action="store_true", help="replace an existing rejection.output")
+    sp.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    sp.set_defaults(func=_cmd_rejection)
+
+    sp = sub.add_parser("recipe", help="the DeepSeek-R1 pipeline in miniature, stage by stage (resumable)")
+    sp.add_argument("recipe", help="recipe YAML (configs/recipes/r1-tiny.yaml)")
+    sp.add_argument("--set", action="append", default=[], metavar="recipe.KEY=VALUE", help="override a recipe key")
+    sp.add_argument("--force", action="store_true", help="forget finished stages (rerun every stage)")
+    sp.set_defaults(func=_cmd_recipe)
 
     sp = sub.add_parser("prepare-data", help="build the builtin corpus, tokenizer and dataset of a config")
     with_config(sp)

@@ -138,7 +138,7 @@ class ParallelConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoints."""
 
-    stage: str = "pretrain"  # pretrain | sft | dpo | distill: the objective the loop trains (megads/train/objectives)
+    stage: str = "pretrain"  # pretrain | sft | dpo | distill | grpo: the objective the loop trains (megads/train/objectives)
     init_from: str = ""  # start from a megads model dir (a run's final/) or an HF DeepSeek dir; fresh optimizer
     max_steps: int = 100
     micro_batch_size: int = 4  # sequences per rank per micro step
@@ -257,6 +257,83 @@ class DistillConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Group Relative Policy Optimisation with rule rewards (train.stage: grpo). Each step samples
+    `group_size` completions for each of global_batch_size / group_size prompts from the policy in
+    its own layout, scores them, and trains on them (REFERENCE.md §6; megads/rl)."""
+
+    group_size: int = 8  # G completions per prompt (global_batch_size = prompts per step x G)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list = field(default_factory=lambda: ["</answer>"])  # stop strings (EOS always stops)
+    template: str = "r1-zero"  # r1-zero (REFERENCE.md §6, plain text) | chat (megads-chat-v1) | none (prompt as is)
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})  # name -> weight (megads.rl.rewards)
+    lang: str = "en"  # target language of the language reward where a prompt has no `lang` field
+    iterations: int = 1  # mu: optimizer steps on each rollout batch
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO: 0.28
+    beta: float = 0.0  # k3 KL weight; 0: no reference model is built
+    aggregation: str = "seq-mean-token-mean"  # | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO)
+    scale: str = "group"  # advantage scale: group std (GRPO) | batch std | none (Dr. GRPO)
+    mask_truncated: bool = False  # completions cut at max_new_tokens add no loss
+    drop_zero_std: bool = False  # groups whose rewards are all equal add no loss
+    shuffle_rewards: bool = False  # control run: rewards permuted across the batch's completions
+    reward_workers: int = 2  # threads scoring completions (the code reward's sandbox runs overlap)
+    tasks: str = ""  # builtin task generator (megads.rl.tasks) when data.paths is empty
+    eval_prompts: int = 128  # held-out prompts decoded greedily at each eval
+    reward_modules: list = field(default_factory=list)  # modules imported first: they register their own rewards
+
+    def validate(self, where: str = "grpo") -> None:
+        from megads.rl.loss import AGGREGATIONS
+
+        _positive(self, where, ["group_size", "max_new_tokens", "iterations", "reward_workers"])
+        _nonneg(self, where, ["temperature", "beta", "eps_low", "eps_high"])
+        if not 0.0 < self.top_p <= 1.0:
+            _bad(where, "top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.template not in ("r1-zero", "chat", "none"):
+            _bad(where, "template", f"must be r1-zero, chat or none, got {self.template!r}")
+        if self.aggregation not in AGGREGATIONS:
+            _bad(where, "aggregation", f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.scale not in ("group", "batch", "none"):
+            _bad(where, "scale", f"must be group, batch or none, got {self.scale!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.rewards.values()):
+            _bad(where, "rewards", f"must map reward names to numeric weights, got {self.rewards!r}")
+        if not all(isinstance(x, str) and x for x in self.stop):
+            _bad(where, "stop", f"must be a list of non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class RejectionConfig:
+    """`megads rejection-sample`: N completions per prompt from `checkpoint`, scored by the grpo
+    section's rewards (template, stop strings, lang alike); a completion is kept when every reward
+    in `require` reaches its threshold, up to `keep` distinct ones per prompt."""
+
+    checkpoint: str = ""  # a megads model dir (final/), an HF dir, or a training checkpoint of this layout
+    tasks: str = ""  # builtin task family or JSONL (default: grpo.tasks / data.paths[0])
+    split: str = "train"  # train | test | all
+    num_samples: int = 8  # N per prompt
+    keep: int = 2  # K per prompt at most, after deduplication
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_prompts: int = 0  # 0 = every prompt of the split
+    prompts_per_batch: int = 8  # per data-parallel rank
+    require: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0, "language": 0.95})
+    output: str = ""  # chat JSONL; the stats go beside it (<output>.stats.json)
+    seed: int = 0
+
+    def validate(self, where: str = "rejection") -> None:
+        _positive(self, where, ["num_samples", "keep", "prompts_per_batch"])
+        _nonneg(self, where, ["temperature", "max_prompts"])
+        if not 0.0 < self.top_p <= 1.0:
+            _bad(where, "top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.split not in ("train", "test", "all"):
+            _bad(where, "split", f"must be train, test or all, got {self.split!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.require.values()):
+            _bad(where, "require", f"must map reward names to numeric thresholds, got {self.require!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -265,6 +342,8 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
@@ -274,6 +353,18 @@ class Config:
         self.sft.validate()
         self.dpo.validate()
         self.distill.validate()
+        self.grpo.validate()
+        self.rejection.validate()
+        if self.train.stage == "grpo":
+            g, t = self.grpo, self.train
+            if t.global_batch_size % g.group_size:
+                _bad("train", "global_batch_size", f"must be a multiple of grpo.group_size ({g.group_size}) "
+                     f"for train.stage grpo, got {t.global_batch_size}")
+            if g.temperature <= 0:
+                _bad("grpo", "temperature", "must be > 0 for train.stage grpo (rollouts are sampled)")
+            if g.max_new_tokens >= t.seq_len:
+                _bad("grpo", "max_new_tokens", f"must be < train.seq_len ({t.seq_len}: prompt + completion), "
+                     f"got {g.max_new_tokens}")
         if self.train.stage == "distill" and not self.distill.teacher:
             _bad("distill", "teacher", "train.stage distill needs a teacher model directory")
         if self.model.num_heads % self.parallel.tp:
@@ -290,8 +381,9 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
-            "sft": SFTConfig, "dpo": DPOConfig, "distill": DistillConfig}
-STAGES = ("pretrain", "sft", "dpo", "distill")
+            "sft": SFTConfig, "dpo": DPOConfig, "distill": DistillConfig,
+            "grpo": GRPOConfig, "rejection": RejectionConfig}
+STAGES = ("pretrain", "sft", "dpo", "distill", "grpo")
 
 
 # ---------------------------------------------------------------- helpers

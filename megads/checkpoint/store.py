@@ -176,12 +176,13 @@ def _fail_if_any(err: str | None, tmp: Path) -> None:
 
 
 def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, keep_last: int,
-                    rank_state: dict | None = None) -> Path:
+                    rank_state: dict | None = None, extra=None) -> Path:
     """Collective: every rank calls it. Returns the final directory; raises SaveError (on every
     rank) when any rank could not write its part.
 
     rank_state: tensors only this rank holds and DeepSpeed does not save per rank (routed-expert
-    shards under expert parallelism), written beside the RNG state."""
+    shards under expert parallelism), written beside the RNG state; extra: any other per-rank
+    object (a stage's state, e.g. GRPO's rollout buffer), returned by load_checkpoint."""
     rank, world = _rank_world()
     root = checkpoint_root(output_dir)
     tmp = root / f".tmp-step-{step}"
@@ -213,7 +214,7 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
         target = tmp / f"rank{rank}.pt"
         try:
             plain = {k: v.detach().cpu().clone() for k, v in (rank_state or {}).items()}  # no param attributes
-            torch.save({"rng": rng_state(), "rank_state": plain}, target)
+            torch.save({"rng": rng_state(), "rank_state": plain, "extra": extra}, target)
         except Exception as e:
             err = describe_write_error(e, target)
     _fail_if_any(err, tmp)
@@ -293,7 +294,7 @@ def read_trainer_state(path: Path, checksums: bool = True) -> dict:
         raise _damaged(f"{f}: unreadable ({type(e).__name__})", path) from None
 
 
-def load_checkpoint(engine, path: Path, rank_state: dict | None = None) -> None:
+def load_checkpoint(engine, path: Path, rank_state: dict | None = None):
     """Collective: restore engine (model, optimizer, ZeRO state), this rank's RNG and its
     rank_state tensors (copied in place into the given dict's tensors). Call read_trainer_state
     first: it verifies the files."""
@@ -312,6 +313,7 @@ def load_checkpoint(engine, path: Path, rank_state: dict | None = None) -> None:
         try:
             saved = torch.load(rank_file, weights_only=False)
             set_rng_state(saved["rng"])
+            extra = saved.get("extra")
             for name, t in (rank_state or {}).items():
                 if name not in saved["rank_state"]:
                     err = f"{rank_file}: no tensor {name!r} (another parallel layout?)"
@@ -325,6 +327,7 @@ def load_checkpoint(engine, path: Path, rank_state: dict | None = None) -> None:
     first = _first_error(_gather(err))
     if first is not None:
         raise _damaged(first, path)
+    return extra
 
 
 def _fsync_dir(path: Path) -> None:

@@ -123,12 +123,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def train_tokenizer(files: list[str], vocab_size: int, out_dir: str | os.PathLike,
                     json_key: str = "text", min_frequency: int = 2,
-                    show_progress: bool = False) -> Tokenizer:
+                    show_progress: bool = False, split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE on `files` (JSONL or text, see sources.py) and save it to `out_dir`.
 
     Malformed JSONL lines are skipped (they are reported in full by `preprocess`). The files are
     written under temporary names and renamed, so an interrupted run leaves no half tokenizer.
     The final vocabulary can be smaller than `vocab_size` when the corpus has too few pairs.
+    split_digits: every digit is its own token (as LLaMA's and DeepSeek's tokenizers split
+    numbers), which small models need to learn arithmetic.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -141,6 +143,8 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str | os.PathLik
     files = check_inputs(files)
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_digits:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), hf.pre_tokenizer])
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,

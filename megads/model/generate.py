@@ -2,7 +2,14 @@
 
 Prompts of different lengths come left-padded (attention_mask, or pad_token_id to derive it):
 each row's positions start at 0 at its first real token. Greedy at temperature 0; otherwise
-temperature + nucleus (top-p) sampling. Rows that emit a stop token are finished and padded.
+temperature + nucleus (top-p) sampling. Rows that emit a stop token (or that `stop_fn` says
+have finished, e.g. on a stop string) are finished and padded.
+
+For RL rollouts (`return_logprobs`) the sampler also returns each sampled token's log-prob under
+the temperature-scaled distribution (log_softmax(logits / T), before top-p truncation: the
+distribution the trainer recomputes) and that distribution's entropy. With `sync`, every rank of
+the process group runs the same number of forward passes (the "all rows finished" test is agreed
+by one all-reduce), which tensor- and expert-parallel ranks decoding in lockstep need.
 """
 from __future__ import annotations
 
@@ -12,7 +19,12 @@ from megads.model.cache import MLACache
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """logits [B, V] float32 -> next tokens [B]."""
+    """logits [B, V] float32 -> next tokens [B].
+
+    generator: one torch.Generator for the batch, or a list of one per row: each row then draws
+    its own uniform number and takes the inverse CDF of its distribution, so a row's sample does
+    not depend on which other rows share the batch (RL rollouts give the same completions in any
+    parallel layout)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -22,6 +34,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generator]).to(probs.device)
+        cdf = probs.double().cumsum(-1)
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        # never a zero-probability token (u at a float boundary)
+        idx = idx.clamp_max(probs.shape[-1] - 1)
+        bad = probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1) <= 0
+        if bool(bad.any()):
+            idx = torch.where(bad, probs.argmax(-1), idx)
+        return idx
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -29,10 +51,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens=(), attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, cache_quant: str | None = None, naive: bool = False,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, return_logprobs: bool = False, stop_fn=None,
+             sync: bool = False):
     """tokens int64 [B, S] (left-padded) -> [B, S + max_new_tokens].
 
     Finished rows (a stop token was produced) are filled with pad_token_id (or their stop token).
+    return_logprobs: return (tokens, logprobs [B, N], entropy [B, N], lengths [B]) instead, N =
+    max_new_tokens, float32, 0 after a row's end; lengths = new tokens up to and including the
+    stop. stop_fn(new_tokens [B, t], finished [B]) -> bool [B]: rows that stop after this token.
     """
     was_training = model.training
     model.eval()
@@ -53,14 +79,27 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     logits = model(tokens, positions=positions, cache=cache, attention_mask=mask[:, :S], naive=naive)[:, -1]
     next_pos = positions[:, -1] + 1
     n_done = 0
+    if return_logprobs:
+        logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+        ents = torch.zeros_like(logps)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
         out[:, S + t] = nxt
         n_done = t + 1
-        if len(stop):
-            finished |= torch.isin(nxt, stop)
-            if bool(finished.all()):
+        if return_logprobs:
+            lsm = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+            live = ~finished
+            logps[:, t] = torch.where(live, lsm.gather(-1, nxt.unsqueeze(-1)).squeeze(-1), 0.0)
+            ents[:, t] = torch.where(live, -(lsm.exp() * lsm).sum(-1), 0.0)
+            lengths += live.long()
+        if len(stop) or stop_fn is not None:
+            if len(stop):
+                finished |= torch.isin(nxt, stop)
+            if stop_fn is not None:
+                finished |= stop_fn(out[:, S:S + t + 1], finished)
+            if _all_finished(finished, sync):
                 break
         if t == max_new_tokens - 1:
             break
@@ -71,4 +110,18 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     if n_done < max_new_tokens:
         out[:, S + n_done:] = fill
     model.train(was_training)
+    if return_logprobs:
+        return out, logps, ents, lengths
     return out
+
+
+def _all_finished(finished: torch.Tensor, sync: bool) -> bool:
+    done = finished.all()
+    if sync:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = done.to(torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag.item())
+    return bool(done)

@@ -181,7 +181,7 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
                 naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False,
-                local_logits: bool = False):
+                local_logits: bool = False, temperature: float = 1.0):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -193,7 +193,8 @@ class Transformer(nn.Module):
         gradient; for sequence log-probs, e.g. DPO), skip the MTP losses, and make `loss` the MoE
         balance term alone (with its gradient). local_logits (no labels): an LMOutput whose `logits`
         are this rank's vocab shard [B, S, V/tp] (distillation without gathering the vocabulary)
-        and whose `loss` is the balance term.
+        and whose `loss` is the balance term. temperature: the main head's cross-entropy is taken on
+        logits / temperature (the sampling distribution of an RL rollout).
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
@@ -206,6 +207,8 @@ class Transformer(nn.Module):
                 raise ValueError("doc_ids is for training on packed rows, not for cached generation")
             attention_mask = document_mask(doc_ids)
             token_mask = doc_ids >= 0  # padding: not counted in the expert loads
+        elif attention_mask is not None and cache is None and attention_mask.dim() == 2:
+            token_mask = attention_mask.bool()  # padded rows (RL rollouts): padding not counted either
         h = self._embed(tokens)
         # full-sequence rope tables: under sequence parallelism MLA gathers the sequence first
         cos, sin = self.rope(positions, h.dtype)
@@ -225,7 +228,8 @@ class Transformer(nn.Module):
         if labels is None:
             logits = self._logits(hn)
             return gather_from_tp(logits, self.tp_group).float()
-        losses = self._ce(self._logits(hn), labels)
+        logits = self._logits(hn)
+        losses = self._ce(logits if temperature == 1.0 else logits / temperature, labels)
         valid = (labels.reshape(-1) != -100)
         n = valid.sum()
         lm_loss = losses.sum() / (n.clamp_min(1) if num_items is None else num_items[0])

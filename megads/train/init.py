@@ -130,3 +130,27 @@ def check_same_shapes(cfg_model, loaded, path: str) -> None:
     if diff:
         raise CheckpointError(f"train.init_from {path}: another model: {', '.join(diff[:6])}; set the run's "
                               f"model section to the checkpoint's")
+
+
+def build_frozen(path: str, cfg, ps, device, what: str = "model"):
+    """A frozen (eval, no gradients) model from `path` (megads dir, HF dir, or a training
+    checkpoint of this layout) in the layout `ps`, with the vocabulary of `cfg.model`: a
+    distillation teacher, or the policy rejection sampling draws from."""
+    from megads.config import Config
+    from megads.errors import ConfigError
+    from megads.model import Transformer
+    from megads.parallel import build_model_par
+
+    mcfg = model_config_of(path)
+    if mcfg.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"{what} {path}: vocab_size {mcfg.vocab_size} differs from this run's "
+                          f"{cfg.model.vocab_size} (the same tokenizer is needed)")
+    if mcfg.num_heads % ps.layout.tp or (mcfg.n_routed_experts and mcfg.n_routed_experts % ps.layout.ep):
+        raise ConfigError(f"{what} {path}: its heads ({mcfg.num_heads}) / experts "
+                          f"({mcfg.n_routed_experts}) do not divide over tp={ps.layout.tp}, ep={ps.layout.ep}")
+    tcfg = Config(model=mcfg, parallel=cfg.parallel)
+    par = build_model_par(tcfg, ps) if (ps.layout.tp > 1 or ps.layout.ep > 1) else None
+    model = Transformer(mcfg, par=par).to(device)  # (its random init is overwritten)
+    load_into(model, path, ps)
+    model.eval().requires_grad_(False)
+    return model

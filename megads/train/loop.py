@@ -116,7 +116,7 @@ class Trainer:
         self.bad_total = 0
         self.history: list[dict] = []  # every step's record (all ranks), for tests and tools
         if resume_path is not None:
-            ckpt.load_checkpoint(self.engine, resume_path, self._rank_state())
+            self.objective.restore_extra(ckpt.load_checkpoint(self.engine, resume_path, self._rank_state()))
             self.step, self.bad_total = state["step"], state.get("bad_steps_total", 0)
         self.start_step = self.step
         self.resumed_from = resume_path
@@ -159,22 +159,9 @@ class Trainer:
 
     def build_frozen(self, path: str) -> Transformer:
         """A frozen model from `path` in this run's layout (a distillation teacher)."""
-        from megads.parallel import build_model_par
         from megads.train import init
 
-        mcfg = init.model_config_of(path)
-        if mcfg.vocab_size != self.cfg.model.vocab_size:
-            raise ConfigError(f"distill.teacher {path}: vocab_size {mcfg.vocab_size} differs from the student's "
-                              f"{self.cfg.model.vocab_size} (the same tokenizer is needed)")
-        if mcfg.num_heads % self.ps.layout.tp or (mcfg.n_routed_experts and mcfg.n_routed_experts % self.ps.layout.ep):
-            raise ConfigError(f"distill.teacher {path}: its heads ({mcfg.num_heads}) / experts "
-                              f"({mcfg.n_routed_experts}) do not divide over tp={self.ps.layout.tp}, ep={self.ps.layout.ep}")
-        tcfg = Config(model=mcfg, parallel=self.cfg.parallel)
-        par = build_model_par(tcfg, self.ps) if (self.ps.layout.tp > 1 or self.ps.layout.ep > 1) else None
-        model = Transformer(mcfg, par=par).to(self.device)  # (its random init is overwritten)
-        init.load_into(model, path, self.ps)
-        model.eval().requires_grad_(False)
-        return model
+        return init.build_frozen(path, self.cfg, self.ps, self.device, what="distill.teacher")
 
     def _setup_grad_norm(self) -> None:
         """The gradient norm (and so clipping) of the single process in every layout (see
@@ -292,7 +279,7 @@ class Trainer:
             keys = self.objective.averaged
             sums = np.zeros(len(keys))
             counts = None
-            batches = [self._batch(self.train_ds, step, m, t.global_batch_size) for m in range(self.gas)]
+            batches = self.objective.step_batches(self, step)
             tokens = self._global_token_counts(batches)
             denom = (tokens / (self.dp * self.gas)).float()  # each micro-batch's share of the global mean
             for batch in batches:
@@ -309,11 +296,11 @@ class Trainer:
             grad_norm = (self.optimizer.last_grad_norm if self.optimizer.norm_weights is not None
                          else self.engine.get_global_grad_norm())
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            rec = {"step": step + 1, **means, **self.objective.step_metrics(tokens.cpu(), tokens_per_step),
-                   "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
+            rec = {"step": step + 1, **means, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                    "mfu": self.flops_per_token * tokens_per_step / dt / (self.peak * self.world),
                    "step_time_s": dt, "skipped": int(skipped), "bad_steps_total": self.bad_total + int(skipped),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            rec.update(self.objective.step_metrics(tokens.cpu(), tokens_per_step))  # (may override tokens_per_s)
             rec.update(self._dispatch_stats())
             if skipped:
                 self.bad_total += 1
@@ -338,7 +325,10 @@ class Trainer:
             if counts is not None and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
                 self.metrics.log_expert_heatmap(self.step, counts.cpu().numpy())
             if (self.step % t.eval_interval == 0 or self.step == t.max_steps) and self.valid_ds is not None:
-                self.metrics.log_eval(self.step, self.evaluate())
+                if self.objective.evaluate is not None:
+                    self.metrics.log_eval_metrics(self.step, self.objective.evaluate(self))
+                else:
+                    self.metrics.log_eval(self.step, self.evaluate())
             if self.step % t.save_interval == 0 or self.step == t.max_steps:
                 last_saved = self._save()
             if self._stop_requested():
@@ -417,7 +407,8 @@ class Trainer:
             self.stop.saving = True  # (only the wording of a second signal's abort line)
         try:
             return ckpt.save_checkpoint(self.engine, self.cfg.train.output_dir, self.step, state,
-                                        self.cfg.train.keep_last, self._rank_state())
+                                        self.cfg.train.keep_last, self._rank_state(),
+                                        extra=self.objective.checkpoint_extra())
         finally:
             if self.stop is not None:
                 self.stop.saving = False

@@ -98,6 +98,16 @@ class Metrics:
             self.writer.add_scalar("valid/ppl", rec["valid_ppl"], step)
         self.write(f"step {step}: valid loss {loss:.4f}, ppl {rec['valid_ppl']:.2f}")
 
+    def log_eval_metrics(self, step: int, values: dict) -> None:
+        """Held-out figures other than a loss (e.g. GRPO's accuracy and format rate): valid_<name>."""
+        if not self.enabled:
+            return
+        self._append({"step": step, **{f"valid_{k}": v for k, v in values.items()}})
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"valid/{k}", v, step)
+        self.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
     def _append(self, record: dict) -> None:
         """One JSON line carrying the run id; a failed write (disk full) is reported once, not fatal:
         the checkpoint save is what must not fail silently."""

@@ -102,6 +102,22 @@ class SyntheticPairs:
         return r if self.ref is None else {**r, "ref": self.ref[i]}
 
 
+def grpo_data(cfg):
+    """Arithmetic prompts and a reward that varies across random completions (a random-init
+    policy never gets the accuracy reward), so every group has non-zero advantages."""
+    from megads.data.tokenizer import load_tokenizer
+    from megads.rl import rewards
+    from megads.rl.tasks import arith
+
+    @rewards.register("toy", replace=True)
+    def toy(completion, sample):
+        return (sum(map(ord, completion)) % 11) / 10
+
+    recs = arith(64, 8, seed=3)
+    return ([r for r in recs if r["split"] == "train"], [r for r in recs if r["split"] == "test"],
+            load_tokenizer(cfg.data.tokenizer))
+
+
 def overrides(tp, ep, zero, out):
     return [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.zero_stage={zero}",
             "model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=128",
@@ -131,8 +147,11 @@ def main():
     pstate.init_distributed(os.environ.get("MEGADS_EQUIV_BACKEND", "gloo"), 120)
     t = cfg.train
     n = max(64, t.max_steps * t.global_batch_size)
-    kind = {"sft": SyntheticSFT, "distill": SyntheticSFT, "dpo": SyntheticPairs}.get(t.stage, Synthetic)
-    data = (kind(n, t.seq_len, cfg.model.vocab_size, 1), kind(16, t.seq_len, cfg.model.vocab_size, 2), None)
+    if t.stage == "grpo":
+        data = grpo_data(cfg)
+    else:
+        kind = {"sft": SyntheticSFT, "distill": SyntheticSFT, "dpo": SyntheticPairs}.get(t.stage, Synthetic)
+        data = (kind(n, t.seq_len, cfg.model.vocab_size, 1), kind(16, t.seq_len, cfg.model.vocab_size, 2), None)
     tr = Trainer(cfg, resume="none", datasets=data)
     tr.train()
     full = tr.full_state()

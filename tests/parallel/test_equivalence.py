@@ -107,23 +107,46 @@ STAGES = {
     # are checked against float64, values and gradients, in tests/train/test_distill.py.
     "distill": (["train.stage=distill", "distill.teacher={teacher}", "distill.loss=forward_kl",
                  "distill.temperature=1.0", "train.grad_clip=0.01"], 1e-4),
+    # GRPO: rollouts sampled in each layout (TP ranks in lockstep, EP/DP ranks on their own
+    # prompts; per-completion generators, so the same completions), mu = 2 updates on the first
+    # rollout batch then a fresh one, k3 KL to a resident reference, stop strings, the global
+    # batch's sequence mean.
+    "grpo": (["train.stage=grpo", "data.tokenizer={tok}", "model.vocab_size=300", "train.seq_len=32",
+              "grpo.group_size=4", "grpo.max_new_tokens=8", "grpo.iterations=2", "grpo.beta=0.04",
+              "grpo.template=none", "grpo.rewards={{toy: 1.0}}", "grpo.stop=[' 1']", "grpo.eval_prompts=4",
+              "train.lr=0.003", "train.grad_clip=0.1"], 1e-5),
 }
 STAGE_LAYOUTS = {"tp2": (2, 2, 1, 0), "ep2": (2, 1, 2, 0), "dp2_zero1": (2, 1, 1, 1), "dp2_zero2": (2, 1, 1, 2),
                  "tp2_ep2": (4, 2, 2, 0)}
 _singles: dict = {}
 
 
-def _stage_extra(stage, teacher):
-    return [x.format(teacher=teacher) for x in STAGES[stage][0]]
+@pytest.fixture(scope="module")
+def grpo_tok(tmp_path_factory):
+    import json
+
+    from megads.data.tokenizer import train_tokenizer
+    from megads.rl.tasks import arith
+
+    d = tmp_path_factory.mktemp("grpo_tok")
+    with open(d / "text.jsonl", "w") as f:
+        for r in arith(400, 10, seed=5):
+            f.write(json.dumps({"text": r["prompt"] + " " + r["solution"]}) + "\n")
+    train_tokenizer([str(d / "text.jsonl")], 300, d / "tok")
+    return d / "tok"
+
+
+def _stage_extra(stage, teacher, tok=""):
+    return [x.format(teacher=teacher, tok=tok) for x in STAGES[stage][0]]
 
 
 @pytest.mark.parametrize("layout", list(STAGE_LAYOUTS))
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_layout_matches_single_process(stage, layout, teacher, tmp_path_factory, tmp_path):
+def test_stage_layout_matches_single_process(stage, layout, teacher, grpo_tok, tmp_path_factory, tmp_path):
     world, tp, ep, zero = STAGE_LAYOUTS[layout]
     if world > MAX_WORLD:
         pytest.skip(f"needs {world} ranks, MEGADS_EQUIV_MAX_WORLD={MAX_WORLD} (one per GPU)")
-    extra = _stage_extra(stage, teacher)
+    extra = _stage_extra(stage, teacher, grpo_tok)
     if stage not in _singles:
         _singles[stage] = run_layout(1, 1, 1, 0, tmp_path_factory.mktemp(f"single_{stage}"),
                                      extra=extra + ["train.micro_batch_size=8"])

@@ -60,6 +60,20 @@ class Objective(abc.ABC):
     def step_metrics(self, counts: torch.Tensor, world_tokens: int) -> dict:
         return {}
 
+    def step_batches(self, loop, step: int) -> list[dict]:
+        """This rank's `gas` micro-batches of optimizer step `step` (GRPO makes them by sampling)."""
+        return [loop._batch(loop.train_ds, step, m, self.cfg.train.global_batch_size) for m in range(loop.gas)]
+
+    # evaluate(loop) -> dict, where a stage's held-out figure is not a loss (GRPO: accuracy)
+    evaluate = None
+
+    def checkpoint_extra(self):
+        """Per-rank state of the stage saved with each checkpoint (GRPO: the rollout buffer)."""
+        return None
+
+    def restore_extra(self, extra) -> None:
+        pass
+
 
 def jsonl_inputs(objective, loop, builtin_name: str, build_builtin) -> list[str]:
     """The stage's JSONL files (data.paths), or with data.builtin_corpus the builtin example file
