@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -427,6 +428,8 @@ def _check_type(value: Any, tp: Any, name: str, src: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):  # YAML 1.1 reads 2e-4 as a string
+            return float(value)
         raise ConfigError(f"{src}{name}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -481,6 +484,9 @@ def load_model_preset(name: str) -> ModelConfig:
     _fill(cfg, read_yaml(path), "model", f"{path}: ")
     cfg.validate()
     return cfg
+
+
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

@@ -181,7 +181,7 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
                 naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False,
-                local_logits: bool = False, temperature: float = 1.0):
+                local_logits: bool = False, temperature: float = 1.0, loss_from: int = 0):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -194,7 +194,9 @@ class Transformer(nn.Module):
         balance term alone (with its gradient). local_logits (no labels): an LMOutput whose `logits`
         are this rank's vocab shard [B, S, V/tp] (distillation without gathering the vocabulary)
         and whose `loss` is the balance term. temperature: the main head's cross-entropy is taken on
-        logits / temperature (the sampling distribution of an RL rollout).
+        logits / temperature (the sampling distribution of an RL rollout). loss_from (with
+        token_losses): the output head runs on positions loss_from.. only, and token_losses is
+        [B, S - loss_from] (an RL batch's completion, without the prompt's vocabulary-wide logits).
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
@@ -228,6 +230,10 @@ class Transformer(nn.Module):
         if labels is None:
             logits = self._logits(hn)
             return gather_from_tp(logits, self.tp_group).float()
+        if loss_from:
+            if not token_losses or self.sequence_parallel:
+                raise ValueError("loss_from is for token_losses without sequence parallelism")
+            hn, labels = hn[:, loss_from:], labels[:, loss_from:]
         logits = self._logits(hn)
         losses = self._ce(logits if temperature == 1.0 else logits / temperature, labels)
         valid = (labels.reshape(-1) != -100)
@@ -240,7 +246,7 @@ class Transformer(nn.Module):
         loss = lm_loss + self.cfg.mtp_lambda * mtp_loss + aux_total
         per_token = None
         if token_losses:  # the caller builds its own loss from these; `loss` is the balance term alone
-            per_token = losses.view(B, S).masked_fill(labels == -100, 0.0)
+            per_token = losses.view(B, S - loss_from).masked_fill(labels == -100, 0.0)
             loss = aux_total
         return LMOutput(loss, lm_loss.detach(), mtp_loss.detach(), aux_total.detach(), n, per_token)
 

@@ -364,7 +364,8 @@ def plot(out: Path, rows: list[dict]) -> None:
             ax.plot(steps, ys, label=name)
             ax.set_title(label)
             ax.set_xlabel("step")
-    axes[0].legend()
+    if axes[0].lines:
+        axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "grpo_steps.png", dpi=100)
     plt.close(fig)

@@ -120,13 +120,18 @@ def slicer(model, ps):
     return cut
 
 
+# model.* fields that shape training, not the weights: a stage started with init_from may change them
+# (DeepSeek-V3 set the bias update speed to 0 for its last 500B tokens)
+TRAINING_ONLY = ("init_std", "bias_update_speed", "seq_aux_alpha", "mtp_lambda", "cache_dtype")
+
+
 def check_same_shapes(cfg_model, loaded, path: str) -> None:
     """init_from: the run's model.* must be the checkpoint's (names of the differing keys)."""
     import dataclasses
 
     a, b = dataclasses.asdict(cfg_model), dataclasses.asdict(loaded)
     diff = [f"model.{k} {b[k]!r} (checkpoint) vs {a[k]!r}" for k in sorted(a) if k in b and a[k] != b[k]
-            and k not in ("init_std",)]
+            and k not in TRAINING_ONLY]
     if diff:
         raise CheckpointError(f"train.init_from {path}: another model: {', '.join(diff[:6])}; set the run's "
                               f"model section to the checkpoint's")

@@ -78,7 +78,7 @@ class Trainer:
         self.gas = self.ds_config["gradient_accumulation_steps"]
         t = cfg.train
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and not os.environ.get("OMP_NUM_THREADS"):  # a set OMP_NUM_THREADS wins
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -80,3 +80,18 @@ def test_init_from_an_ep2_training_checkpoint(corpus, tmp_path):
         got[name] = step_losses(tmp_path / name)
     for s in got["from_final"]:
         assert got["from_ck"][s] == pytest.approx(got["from_final"][s], rel=1e-6), got
+
+
+def test_init_from_may_change_training_only_model_fields():
+    """Another shape is refused naming the key; a training-only field (the router-bias speed,
+    aux-loss weights) may differ: a post-training stage may freeze the bias (as DeepSeek-V3 did)."""
+    import dataclasses
+
+    from megads.config import load_model_preset
+    from megads.errors import CheckpointError
+    from megads.train.init import check_same_shapes
+
+    ckpt = load_model_preset("tiny")
+    check_same_shapes(dataclasses.replace(ckpt, bias_update_speed=0.0, seq_aux_alpha=0.0, mtp_lambda=0.1), ckpt, "d")
+    with pytest.raises(CheckpointError, match=r"model.hidden_size 256 \(checkpoint\) vs 128"):
+        check_same_shapes(dataclasses.replace(ckpt, hidden_size=128), ckpt, "d")

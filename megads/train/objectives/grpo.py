@@ -233,9 +233,9 @@ class GRPOObjective(Objective):
         """[mb, T] the completion tokens' log-probs under `model` (temperature-scaled), with gradient."""
         out = model(batch["tokens"], batch["labels"], positions=batch["positions"],
                     attention_mask=batch["attention_mask"], token_losses=True,
-                    temperature=self.cfg.grpo.temperature or 1.0)
+                    temperature=self.cfg.grpo.temperature or 1.0, loss_from=batch["prompt_len"] - 1)
         self._aux = out.loss
-        return -out.token_losses[:, batch["prompt_len"] - 1:]
+        return -out.token_losses
 
     # ------------------------------------------------------------------ the loss
     def count(self, batch):
