@@ -203,3 +203,18 @@ def test_task_jsonl_errors_name_the_line(tmp_path):
     with pytest.raises(DataError, match="split"):
         load_tasks(str(p))
     assert load_tasks("arith", n_train=5, n_test=2)[-1]["split"] == "test"
+
+
+def test_shipped_grpo_config_runs(arith_tok, tmp_path):
+    """configs/grpo/tiny.yaml as shipped (R1-Zero template, accuracy + format), on a small model."""
+    sets = [*[s for s in SMALL if not s.startswith("model.max_seq_len")], "model.max_seq_len=256",
+            f"data.tokenizer={arith_tok}", "data.builtin_corpus=false", "grpo.max_new_tokens=8", "grpo.eval_prompts=4",
+            "grpo.group_size=4", "grpo.beta=0.1", "train.max_steps=1", "train.global_batch_size=8",
+            "train.micro_batch_size=4", "train.seq_len=224", "train.progress=false", f"train.output_dir={tmp_path}",
+            "train.eval_interval=1"]
+    r = run_megads("train", "configs/grpo/tiny.yaml", *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _records(tmp_path)
+    step = next(x for x in recs if "loss" in x)
+    assert step["rollout/logp_max_diff"] < 1e-4 and step["grpo/kl"] == pytest.approx(0.0, abs=1e-9)  # ref = policy
+    assert any("valid_accuracy" in x for x in recs) and (tmp_path / "final").is_dir()

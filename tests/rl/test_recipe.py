@@ -9,23 +9,24 @@ from conftest import run_megads
 
 MODEL = {"preset": "tiny", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
          "num_layers": 2, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-         "max_seq_len": 160}
+         "max_seq_len": 256}
 SFT = {"max_steps": 3, "micro_batch_size": 4, "global_batch_size": 4, "seq_len": 128, "lr": 1e-3,
        "warmup_steps": 1, "save_interval": 3, "eval_interval": 1000}
-GRPO = {"train": {"max_steps": 2, "micro_batch_size": 4, "global_batch_size": 8, "seq_len": 128, "lr": 1e-4,
+GRPO = {"train": {"max_steps": 2, "micro_batch_size": 4, "global_batch_size": 8, "seq_len": 224, "lr": 1e-4,
                   "warmup_steps": 0, "save_interval": 2, "eval_interval": 2},
         "grpo": {"group_size": 4, "max_new_tokens": 12, "rewards": {"accuracy": 1.0, "format": 0.5}}}
+GRPO_KL = {"train": GRPO["train"], "grpo": dict(GRPO["grpo"], beta=0.1, rewards={"accuracy": 1.0, "language": 0.2})}
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipe")
     pre = {"train": dict(SFT, max_steps=4, eval_interval=4, save_interval=4)}
-    cfg = {"recipe": {"output_dir": str(d / "out"), "n_train": 60, "n_test": 8, "cold_start_examples": 16,
-                      "vocab_size": 320, "eval_prompts": 8, "eval_max_new_tokens": 12, "corpus_passes": 2},
+    cfg = {"recipe": {"output_dir": str(d / "out"), "n_train": 200, "n_test": 8, "cold_start_examples": 16,
+                      "vocab_size": 320, "eval_prompts": 8, "eval_max_new_tokens": 12, "corpus_passes": 4},
            "model": MODEL, "student": dict(MODEL, num_layers=1),
            "stages": {"pretrain": pre, "student_base": pre, "cold_start": {"train": SFT}, "r1_zero": GRPO,
-                      "r1_grpo": GRPO, "student_grpo": GRPO,
+                      "r1_grpo": GRPO_KL, "student_grpo": GRPO,
                       "rejection": {"rejection": {"num_samples": 2, "keep": 1, "max_prompts": 6,
                                                   "prompts_per_batch": 6, "require": {"format": 0.0},
                                                   "temperature": 1.0}},
