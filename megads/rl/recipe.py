@@ -186,9 +186,9 @@ def stage_config(r: dict, name: str, out: Path) -> dict:
     return cfg
 
 
-def _run(cmd: list[str], log_file: Path) -> int:
+def _run(cmd: list[str], log_file: Path, nproc: int = 1) -> int:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # cores shared by the ranks
     with open(log_file, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
@@ -285,7 +285,7 @@ def run_recipe(path: str, overrides: list[str] = (), force: bool = False) -> int
             stage_dir.mkdir(exist_ok=True)
             cfg_path = stage_dir / "config.yaml"
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            code = _run(_megads(rec, ["train", str(cfg_path)]), log_file)
+            code = _run(_megads(rec, ["train", str(cfg_path)]), log_file, rec["nproc"])
             if code != 0:
                 say(f"[{name}] failed (exit {code}); see {log_file}")
                 return code
