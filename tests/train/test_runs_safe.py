@@ -344,7 +344,9 @@ def test_damaged_checkpoint_file_is_one_line_naming_it(corpus, reference, tmp_pa
 def test_unreadable_file_without_checksums_is_still_one_line(corpus, reference, tmp_path):
     out = copy_run(reference[0], tmp_path / "run")
     bad = out / "checkpoints" / "step-6" / "trainer_state.pt"
-    _flip(bad)
+    b = bytearray(bad.read_bytes())  # its zip header: a middle byte may land in a pickled number and still load
+    b[:4] = b"\0\0\0\0"
+    bad.write_bytes(bytes(b))
     code, text = run(train_args(corpus, out, extra=["train.verify_on_resume=false"]))
     assert code == 2, text[-3000:]
     err = [x for x in text.splitlines() if "megads: error" in x]
