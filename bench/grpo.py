@@ -46,23 +46,13 @@ import warnings
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model import matmul_peak  # noqa: E402  (bench/model.py: the same peak measurement)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/grpo/tiny.yaml"
 REWARDS = {"accuracy": 1.0, "format": 0.5}
 LR = 2e-5
-# `megads train` with torch's thread count pinned to argv[1] (the loop itself sets os.cpu_count())
-
-
-def matmul_peak(n: int, reps: int = 5) -> float:
-    """fp32 FLOP/s of one large square torch.mm (best of reps)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def prompt_order(n: int, seed: int) -> np.ndarray:

@@ -125,8 +125,9 @@ class GRPOObjective(Objective):
             self._prompt_cache[key] = render_prompt(self.tokenizer, ds[i]["prompt"], self.cfg.grpo.template)
         return self._prompt_cache[key]
 
-    def collate(self, rows, device):  # batches are made by sampling (step_batches)
-        raise NotImplementedError
+    def collate(self, rows, device):
+        # GRPO's batches are sampled rollouts (step_batches), never collated from dataset rows
+        raise RuntimeError("grpo: batches come from rollouts (step_batches), not from collate")
 
     # ------------------------------------------------------------------ rollouts
     def step_batches(self, loop, step: int) -> list[dict]:
@@ -262,7 +263,8 @@ class GRPOObjective(Objective):
         return total, {"loss": total.detach(), "balance_loss": aux.detach()}
 
     def eval_loss(self, engine, batch) -> float:
-        raise NotImplementedError  # GRPO evaluates by sampling (evaluate)
+        # held-out figures come from greedy sampling (evaluate), not from a loss on dataset rows
+        raise RuntimeError("grpo: held-out evaluation is by sampling (evaluate), not eval_loss")
 
     # ------------------------------------------------------------------ metrics
     def _summarise(self, loop, ro, total, per, zero_std, gen_s, reward_s, logprob_s) -> dict:
