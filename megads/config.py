@@ -117,7 +117,10 @@ class ParallelConfig:
     """Process layout. Data parallel = world / (tp * pp); experts fold over DP: EDP = DP*TP/EP."""
 
     tp: int = 1  # tensor-parallel size
-    pp: int = 1  # pipeline-parallel size
+    pp: int = 1  # pipeline-parallel size (stages; megads.parallel.pipeline)
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved | zbv | dualpipev (torch.distributed.pipelining)
+    vpp: int = 1  # virtual stages per pipeline rank (interleaved: any; zbv, dualpipev: 2)
+    pp_layers: list = field(default_factory=list)  # blocks per (virtual) stage, in stage order; [] = even split
     ep: int = 1  # expert-parallel size
     sequence_parallel: bool = False
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0, 1, 2)
@@ -133,6 +136,20 @@ class ParallelConfig:
             _bad(where, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.backend not in ("auto", "gloo", "nccl"):
             _bad(where, "backend", f"must be auto, gloo or nccl, got {self.backend!r}")
+        _positive(self, where, ["vpp"])
+        if self.pp_schedule not in ("1f1b", "interleaved", "zbv", "dualpipev"):
+            _bad(where, "pp_schedule", f"must be 1f1b, interleaved, zbv or dualpipev, got {self.pp_schedule!r}")
+        if self.pp_schedule == "1f1b" and self.vpp != 1:
+            _bad(where, "vpp", f"must be 1 with pp_schedule 1f1b (virtual stages need 'interleaved', 'zbv' or "
+                               f"'dualpipev'), got {self.vpp}")
+        if self.pp_schedule in ("zbv", "dualpipev") and self.vpp != 2:
+            _bad(where, "vpp", f"must be 2 with pp_schedule {self.pp_schedule} (two stages per rank, V-shaped), "
+                               f"got {self.vpp}")
+        if not isinstance(self.pp_layers, list) or not all(isinstance(n, int) and n >= 1 for n in self.pp_layers):
+            _bad(where, "pp_layers", f"must be a list of positive block counts, one per stage, got {self.pp_layers!r}")
+        if self.pp_layers and len(self.pp_layers) != self.pp * self.vpp:
+            _bad(where, "pp_layers", f"has {len(self.pp_layers)} entries, need pp x vpp = {self.pp * self.vpp} "
+                                     f"(one per stage)")
 
 
 @dataclass
@@ -373,6 +390,21 @@ class Config:
         if self.model.n_routed_experts and self.model.n_routed_experts % self.parallel.ep:
             _bad("parallel", "ep", f"must divide model.n_routed_experts ({self.model.n_routed_experts}), "
                  f"got {self.parallel.ep}")
+        pa = self.parallel
+        if pa.pp > 1 or pa.vpp > 1:
+            stages = pa.pp * pa.vpp
+            if pa.pp_layers and sum(pa.pp_layers) != self.model.num_layers:
+                _bad("parallel", "pp_layers", f"sums to {sum(pa.pp_layers)} blocks, model.num_layers is "
+                                              f"{self.model.num_layers}")
+            if stages > self.model.num_layers:
+                _bad("parallel", "pp", f"pp x vpp = {stages} stages for {self.model.num_layers} blocks "
+                                       f"(model.num_layers): every stage needs a block")
+            if pa.zero_stage > 1:
+                _bad("parallel", "zero_stage", f"{pa.zero_stage} with parallel.pp {pa.pp}: ZeRO-2/3 reduce gradients "
+                     f"in backward hooks the pipeline schedule does not drive; use zero_stage 0 or 1")
+            if self.train.stage == "grpo":
+                _bad("train", "stage", f"grpo with parallel.pp {pa.pp}: rollouts under pipeline parallelism are not "
+                     f"supported yet; use pp: 1 (TP/EP/DP)")
         if self.train.seq_len > self.model.max_seq_len:
             _bad("train", "seq_len", f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.train.seq_len}")
         return self

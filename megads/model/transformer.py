@@ -103,14 +103,42 @@ class MTPModule(nn.Module):
         return h, aux
 
 
+class LayerSlice(nn.Module):
+    """Some of the decoder blocks, registered under their global index (parameter names
+    `layers.<i>.` as in the full model); iterates over the blocks in index order."""
+
+    def __init__(self, blocks: dict):
+        super().__init__()
+        for i in sorted(blocks):
+            self.add_module(str(i), blocks[i])
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i: int):
+        return self._modules[str(i)]
+
+    def ids(self) -> list[int]:
+        return [int(k) for k in self._modules]
+
+
 class Transformer(nn.Module):
     """`forward(tokens)` -> logits [B, S, V] float32; `forward(tokens, labels)` -> LMOutput.
 
     `par` (from megads.parallel) carries the TP group, sequence parallelism and the expert
     dispatcher; without it the model is the plain single-device math.
+
+    A pipeline rank builds a part of the model: `layers` (global block indices; None = all),
+    `embed` (the embedding: the first stage, and the last one where MTP or a tied head reads it)
+    and `head` (final norm, output head, MTP modules: the last stage). Parameter names are those of
+    the full model, so a part's state dict is a subset of the full one.
     """
 
-    def __init__(self, cfg: ModelConfig, par: dict | None = None):
+    def __init__(self, cfg: ModelConfig, par: dict | None = None, layers=None, embed: bool = True,
+                 head: bool = True):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -121,22 +149,34 @@ class Transformer(nn.Module):
         if self.sequence_parallel and cfg.mtp_depth:
             raise ValueError("sequence parallelism with multi-token prediction is not supported yet")
         self.activation_checkpointing = False
+        ids = range(cfg.num_layers) if layers is None else sorted(layers)
+        self.is_full = layers is None and embed and head
+        if head and cfg.tie_embeddings:
+            embed = True
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group=self.tp_group,
-                                            std=cfg.init_std)
+                                            std=cfg.init_std) if embed else None
         self.rope = RotaryEmbedding(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i, cfg.is_moe_layer(i), par) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.tp_group if self.sequence_parallel else None)
-        self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group=self.tp_group,
-                                         std=cfg.init_std)
-        self.mtp = nn.ModuleList(MTPModule(cfg, k + 1, par) for k in range(cfg.mtp_depth))
-        if cfg.tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.layers = LayerSlice({i: Block(cfg, i, cfg.is_moe_layer(i), par) for i in ids})
+        self.norm = self.head = None
+        self.mtp = nn.ModuleList()
+        if head:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.tp_group if self.sequence_parallel else None)
+            self.head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, tp_group=self.tp_group,
+                                             std=cfg.init_std)
+            self.mtp = nn.ModuleList(MTPModule(cfg, k + 1, par) for k in range(cfg.mtp_depth))
+            if cfg.tie_embeddings:
+                self.head.weight = self.embed.weight
 
     # ---------------------------------------------------------------- helpers
     def moe_layers(self) -> list[MoE]:
         """Every MoE layer, main blocks first, then MTP blocks (the bias-update order)."""
         blocks = list(self.layers) + [m.block for m in self.mtp]
         return [b.ffn for b in blocks if b.is_moe]
+
+    def moe_layer_ids(self) -> list[int]:
+        """The block index of each of `moe_layers()` (MTP blocks: num_layers + depth)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.layer_id for b in blocks if b.is_moe]
 
     def expert_counts(self) -> torch.Tensor | None:
         """[L_moe, E] tokens per expert of the last forward (None for a dense model)."""
@@ -181,7 +221,7 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
                 naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False,
-                local_logits: bool = False, temperature: float = 1.0, loss_from: int = 0):
+                local_logits: bool = False, temperature: float = 1.0, loss_from: int = 0, stage: dict | None = None):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -197,6 +237,12 @@ class Transformer(nn.Module):
         logits / temperature (the sampling distribution of an RL rollout). loss_from (with
         token_losses): the output head runs on positions loss_from.. only, and token_losses is
         [B, S - loss_from] (an RL batch's completion, without the prompt's vocabulary-wide logits).
+
+        stage (pipeline parallelism, megads.parallel.pipeline): run one pipeline stage of the call
+        above: {"h": the previous stage's hidden states (None on the first stage), "aux": its
+        running balance loss, "layers": the block indices of this stage, "last": whether it ends
+        the model}. A stage that is not the last returns (h, balance loss so far); the last one
+        returns what the call returns, its balance loss including the earlier stages'.
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
@@ -211,16 +257,25 @@ class Transformer(nn.Module):
             token_mask = doc_ids >= 0  # padding: not counted in the expert loads
         elif attention_mask is not None and cache is None and attention_mask.dim() == 2:
             token_mask = attention_mask.bool()  # padded rows (RL rollouts): padding not counted either
-        h = self._embed(tokens)
+        blocks = list(self.layers)
+        if stage is not None:
+            h = self._embed(tokens) if stage["h"] is None else stage["h"]
+            blocks = [self.layers[i] for i in stage["layers"]]
+        else:
+            h = self._embed(tokens)
         # full-sequence rope tables: under sequence parallelism MLA gathers the sequence first
         cos, sin = self.rope(positions, h.dtype)
         aux_total = h.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.layers):
+        if stage is not None and stage["aux"] is not None:
+            aux_total = aux_total + stage["aux"].reshape(())
+        for i, block in enumerate(blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             kw = {"token_mask": token_mask} if token_mask is not None else {}
             h, aux = self._run_block(block, h, cos, sin, cache=layer_cache, start=start,
                                      attn_mask=attention_mask, naive=naive, **kw)
             aux_total = aux_total + aux
+        if stage is not None and not stage["last"]:
+            return h, aux_total
         if cache is not None:
             cache.advance(S)
         hn = self.norm(h)

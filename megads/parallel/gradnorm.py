@@ -41,16 +41,17 @@ def classify(model, specs: dict, tp: int, ep: int) -> dict:
     return out
 
 
-def zero0_weights(kinds: dict, layout) -> dict:
-    """1 / replicas of each whole parameter (no ZeRO: every rank holds whole gradients)."""
+def zero0_weights(kinds: dict, layout, copy=None) -> dict:
+    """1 / replicas of each whole parameter (no ZeRO: every rank holds whole gradients). `copy`:
+    the last pipeline stage's copy of the embedding, counted 0 (the first stage counts it)."""
     reps = {"tp": layout.dp, "replicated": layout.tp * layout.dp, "expert": layout.edp}
-    return {p: 1.0 / reps[k] for p, k in kinds.items()}
+    return {p: (0.0 if p is copy else 1.0 / reps[k]) for p, k in kinds.items()}
 
 
-def zero_weights(kinds: dict, layout) -> dict:
+def zero_weights(kinds: dict, layout, copy=None) -> dict:
     """1 / replicas of a ZeRO-1/2 partition element: partitions are disjoint over DP (EDP for
     experts); only replicated parameters repeat, once per TP rank."""
-    return {p: (1.0 / layout.tp if k == "replicated" else 1.0) for p, k in kinds.items()}
+    return {p: (0.0 if p is copy else 1.0 / layout.tp if k == "replicated" else 1.0) for p, k in kinds.items()}
 
 
 def weighted_sq_norm(pairs, weights: dict, device) -> torch.Tensor:

@@ -49,7 +49,7 @@ class Layout:
     def groups(self) -> dict[str, list[list[int]]]:
         """Every group of each kind, as lists of global ranks."""
         stage = self.tp * self.dp
-        out: dict[str, list[list[int]]] = {k: [] for k in ("tp", "dp", "pp", "ep", "edp", "mp")}
+        out: dict[str, list[list[int]]] = {k: [] for k in ("tp", "dp", "pp", "ep", "edp", "mp", "embed")}
         for p in range(self.pp):
             base = p * stage
             for d in range(self.dp):
@@ -62,6 +62,8 @@ class Layout:
                 out["edp"].append([base + e * self.ep + i for e in range(self.edp)])
         for r in range(stage):
             out["pp"].append([p * stage + r for p in range(self.pp)])
+            if self.pp > 1:  # first and last pipeline rank: the embedding's two copies (Megatron)
+                out["embed"].append([r, (self.pp - 1) * stage + r])
         # model-parallel group (tp x pp) for DeepSpeed's mpu
         for d in range(self.dp):
             out["mp"].append(sorted(p * stage + d * self.tp + t for p in range(self.pp) for t in range(self.tp)))

@@ -56,8 +56,6 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         p = cfg.parallel
         self.ps = pstate.initialize(p.tp, p.pp, p.ep)
-        if p.pp > 1:
-            raise ConfigError("parallel.pp: pipeline parallelism is not implemented yet; use pp: 1")
         self.dp = self.ps.layout.dp
         self.dp_rank = self.ps.dp_rank
         self.ds_config = deepspeed_config(cfg, self.dp)
@@ -76,6 +74,17 @@ class Trainer:
         if self.lock is not None:  # the run goes ahead: say who holds the output dir
             self.lock.announce(self.run_id)
         self.gas = self.ds_config["gradient_accumulation_steps"]
+        self.pp_plan = None
+        if p.pp > 1:
+            from megads.parallel import pipeline
+
+            if cfg.train.stage == "dpo":
+                raise ConfigError("train.stage: dpo with parallel.pp > 1 is not supported yet (its reference "
+                                  "pass and resident reference model run the whole model); use pp: 1")
+            self.pp_plan = pipeline.plan(cfg, self.ps.pp_rank)
+            # the schedule runs the step's micro-batches; DeepSpeed sees one micro step per update
+            self.ds_config["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size * self.gas
+            self.ds_config["gradient_accumulation_steps"] = 1
         t = cfg.train
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if not torch.cuda.is_available() and not os.environ.get("OMP_NUM_THREADS"):  # a set OMP_NUM_THREADS wins
@@ -106,11 +115,12 @@ class Trainer:
         self._setup_grad_norm()
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config,
-            mpu=pstate.MPU(self.ps) if p.tp > 1 else None, dist_init_required=False)
+            mpu=pstate.MPU(self.ps) if p.tp > 1 or p.pp > 1 else None, dist_init_required=False)
         if self._norm_kinds is not None and p.zero_stage > 0:
             from megads.parallel import gradnorm
 
-            gradnorm.patch_zero_norm(self.engine.optimizer, gradnorm.zero_weights(self._norm_kinds, self.ps.layout))
+            copy = self.model.embed.weight if self.pp_plan is not None and self.pp_plan.embed_copy else None
+            gradnorm.patch_zero_norm(self.engine.optimizer, gradnorm.zero_weights(self._norm_kinds, self.ps.layout, copy))
 
         self.step = 0
         self.bad_total = 0
@@ -131,6 +141,12 @@ class Trainer:
             self.metrics.write(f"resumed from {resume_path} at step {self.step} (run {self.run_id} continues)")
         else:
             self.metrics.write(f"run {self.run_id}: fresh start in {t.output_dir}")
+        self.pipeline = None
+        if self.pp_plan is not None:
+            from megads.parallel.pipeline import Pipeline
+
+            self.pipeline = Pipeline(self.model, self.pp_plan, self.ps, self.device, self.gas, self.objective,
+                                     self.objective.averaged)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak = measure_peak_flops() if self.rank == 0 else 1.0
 
@@ -144,10 +160,13 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         np.random.seed(self.cfg.train.seed)
         full = Transformer(self.cfg.model)
-        if self.ps.layout.tp == 1 and self.ps.layout.ep == 1:
+        pl = self.pp_plan
+        if self.ps.layout.tp == 1 and self.ps.layout.ep == 1 and pl is None:
             model = full
         else:
-            model = Transformer(self.cfg.model, par=build_model_par(self.cfg, self.ps))
+            part = dict(layers=pl.layer_ids, embed=pl.embed, head=pl.last) if pl is not None else {}
+            par = build_model_par(self.cfg, self.ps) if self.ps.layout.tp > 1 or self.ps.layout.ep > 1 else None
+            model = Transformer(self.cfg.model, par=par, **part)
             load_full_state(model, full.state_dict(), self.ps)
         if self.cfg.train.init_from:
             from megads.train import init
@@ -174,8 +193,9 @@ class Trainer:
         p = self.cfg.parallel
         self._norm_kinds = gradnorm.classify(self.model, shard_specs(self.model), p.tp, p.ep)
         bf16 = bool(self.ds_config.get("bf16", {}).get("enabled"))
+        copy = self.model.embed.weight if self.pp_plan is not None and self.pp_plan.embed_copy else None
         if p.zero_stage == 0 and not bf16:
-            self.optimizer.norm_weights = gradnorm.zero0_weights(self._norm_kinds, self.ps.layout)
+            self.optimizer.norm_weights = gradnorm.zero0_weights(self._norm_kinds, self.ps.layout, copy)
             self.optimizer.max_norm = float(self.ds_config.get("gradient_clipping") or 0.0)
             self.ds_config["gradient_clipping"] = 0.0  # the optimizer clips
         elif bf16 and p.zero_stage == 0:
@@ -185,7 +205,13 @@ class Trainer:
         """Collective: the full (unsharded) model state on every rank."""
         from megads.parallel.shard import gather_full_state
 
-        return gather_full_state(self.model, self.ps)
+        full = gather_full_state(self.model, self.ps)
+        if self.pipeline is not None:  # every stage's part (the embedding's copies are equal)
+            merged = {}
+            for part in self.pipeline.gather_objects(full):
+                merged.update(part)
+            full = merged
+        return full
 
     def _barrier(self):
         if dist.is_initialized():
@@ -282,7 +308,9 @@ class Trainer:
             batches = self.objective.step_batches(self, step)
             tokens = self._global_token_counts(batches)
             denom = (tokens / (self.dp * self.gas)).float()  # each micro-batch's share of the global mean
-            for batch in batches:
+            if self.pipeline is not None:
+                sums, counts = self._pipeline_step(batches, denom)
+            for batch in batches if self.pipeline is None else ():
                 loss, mets = self._micro_loss(batch, denom)
                 self.engine.backward(loss)
                 c = self.model.expert_counts()
@@ -302,6 +330,10 @@ class Trainer:
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             rec.update(self.objective.step_metrics(tokens.cpu(), tokens_per_step))  # (may override tokens_per_s)
             rec.update(self._dispatch_stats())
+            if self.pipeline is not None:
+                idle = self.pipeline.gather_objects(self.pipeline.last_idle)
+                rec["pp_idle"] = max(idle)
+                rec.update({f"pp_idle/rank{r}": v for r, v in enumerate(idle)})
             if skipped:
                 self.bad_total += 1
                 consecutive_bad += 1
@@ -309,10 +341,16 @@ class Trainer:
                                    f"({consecutive_bad} in a row, {self.bad_total} in all)")
             else:
                 consecutive_bad = 0
-                if counts is not None:
-                    counts = self._global_counts(counts)
-                    self.model.update_router_biases(counts)
-                    rec.update(self._expert_stats(counts))
+                if counts is not None or self.pipeline is not None:
+                    if counts is not None:
+                        counts = self._global_counts(counts)
+                        self.model.update_router_biases(counts)
+                    if self.pipeline is not None:  # every stage's layers, for the logs
+                        counts, biases = self._pipeline_expert_view(counts)
+                    else:
+                        biases = [m.gate.bias for m in self.model.moe_layers() if m.gate.bias is not None]
+                    if counts is not None:
+                        rec.update(self._expert_stats(counts, biases))
             self.step += 1
             self.history.append(rec)
             self.metrics.log_step(rec)
@@ -374,13 +412,39 @@ class Trainer:
                 "a2a_internode_bytes_per_token": st["bytes_sent_internode"] / tokens,
                 "a2a_internode_dedup_bytes_per_token": st["bytes_internode_dedup"] / tokens}
 
-    def _expert_stats(self, counts: torch.Tensor) -> dict:
+    def _pipeline_step(self, batches: list[dict], denom: torch.Tensor):
+        """One optimizer step under pipeline parallelism: torch's schedule runs the micro-batches'
+        forward and backward, then the tied embedding's gradients are summed, DeepSpeed reduces
+        over DP (ZeRO-1: its partitioned reduction, the path of its own pipeline engine) and steps.
+        Returns (metric sums over micro-batches as an array, this rank's expert counts)."""
+        sums, counts = self.pipeline.run(batches, denom)
+        self.pipeline.reduce_tied_grads()
+        eng = self.engine
+        eng.pipeline_parallelism = True  # backward ran outside DeepSpeed: ZeRO-1 makes its own buffers
+        try:
+            eng.allreduce_gradients()
+        finally:
+            eng.pipeline_parallelism = False
+        eng.step()
+        return sums.numpy(), counts
+
+    def _pipeline_expert_view(self, counts):
+        """Collective over the pipeline group: (counts [L, E] of every stage's MoE layers in model
+        order, their router biases), for the logs."""
+        mine = self.model.moe_layers()
+        rows = [] if counts is None else [(i, counts[j].cpu(), None if m.gate.bias is None else m.gate.bias.detach().cpu())
+                                          for j, (i, m) in enumerate(zip(self.model.moe_layer_ids(), mine))]
+        allrows = sorted((r for part in self.pipeline.gather_objects(rows) for r in part), key=lambda r: r[0])
+        if not allrows:
+            return None, []
+        return torch.stack([r[1] for r in allrows]), [r[2] for r in allrows if r[2] is not None]
+
+    def _expert_stats(self, counts: torch.Tensor, biases) -> dict:
         c = counts.float()
         rel = c.max(dim=1).values / c.mean(dim=1).clamp_min(1e-9)  # per-layer max/mean load
         out = {"expert_load_max_over_mean": float(rel.max())}
         for i, v in enumerate(rel.tolist()):
             out[f"expert_load/layer{i}_max_over_mean"] = v
-        biases = [m.gate.bias for m in self.model.moe_layers() if m.gate.bias is not None]
         if biases:
             out["router_bias_norm"] = float(torch.stack(biases).norm())
         return out
@@ -394,7 +458,12 @@ class Trainer:
         per = t.eval_iters * t.micro_batch_size * self.dp
         total = 0.0
         slot = (self.step // t.eval_interval) % max(1, len(self.valid_ds) // max(1, per))
-        for i in range(t.eval_iters):
+        if self.pipeline is not None:  # whole schedules of gas micro-batches; the first eval_iters count
+            for k in range(-(-t.eval_iters // self.gas)):
+                vals, _ = self.pipeline.run([self._batch(self.valid_ds, slot, k * self.gas + i, per)
+                                             for i in range(self.gas)], None, train=False)
+                total += float(vals[:max(0, t.eval_iters - k * self.gas)].sum())
+        for i in range(t.eval_iters if self.pipeline is None else 0):
             total += self.objective.eval_loss(self.engine, self._batch(self.valid_ds, slot, i, per))
         self.engine.train()
         return self._mean_over_dp([total / max(1, t.eval_iters)])[0]
@@ -422,7 +491,7 @@ class Trainer:
     def _finish(self) -> None:
         """Write the final model in megads format and print a few generated samples (rank 0)."""
         t = self.cfg.train
-        sharded = self.ps.layout.tp > 1 or self.ps.layout.ep > 1
+        sharded = self.ps.layout.tp > 1 or self.ps.layout.ep > 1 or self.ps.layout.pp > 1
         full = self.full_state() if sharded else None
         if self.rank == 0:
             from megads.model.io import save_model

@@ -15,12 +15,17 @@ def test_megatron_order_tp_adjacent_then_dp_then_pp():
     assert g["ep"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert g["edp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert lay.coords(5) == dict(tp=1, dp=0, pp=1, ep=1, edp=0)
+    assert g["embed"] == [[0, 4], [1, 5], [2, 6], [3, 7]]  # the tied embedding's first/last-stage copies
 
 
 def test_every_rank_in_exactly_one_group_of_each_kind():
     for world, tp, pp, ep in [(4, 1, 1, 2), (4, 2, 1, 4), (8, 2, 1, 4), (12, 2, 2, 3), (6, 1, 1, 6)]:
         lay = Layout(world, tp, pp, ep)
         for kind, groups in lay.groups().items():
+            if kind == "embed":  # only the first and last pipeline stages hold the embedding
+                stage = tp * lay.dp
+                assert groups == ([[r, (pp - 1) * stage + r] for r in range(stage)] if pp > 1 else [])
+                continue
             flat = sorted(r for grp in groups for r in grp)
             assert flat == list(range(world)), (kind, world, tp, pp, ep)
         assert lay.tp * lay.dp * lay.pp == world

@@ -47,15 +47,30 @@ class Objective(abc.ABC):
         """float64 [K] tokens counted by each loss term of this micro-batch."""
         ...
 
-    @abc.abstractmethod
     def forward(self, engine, batch: dict, denom: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(loss, {name: detached scalar}) with loss term k = sum over tokens / denom[k]."""
-        ...
+        """(loss, {name: detached scalar}) with loss term k = sum over tokens / denom[k]: the one
+        model call `model_call` names, then `loss_of` its output."""
+        args, kw = self.model_call(batch, denom)
+        return self.loss_of(engine(*args, **kw), batch, denom)
 
-    @abc.abstractmethod
+    def model_call(self, batch: dict, denom: torch.Tensor) -> tuple[tuple, dict]:
+        """(args, kwargs) of the policy model's one call for this micro-batch (denom None: a
+        validation call, each micro-batch its own mean). Under pipeline
+        parallelism every stage runs its blocks of this call and the last stage hands the output
+        to `loss_of`."""
+        raise NotImplementedError(f"train.stage {self.name} does not split its model call into stages")
+
+    def loss_of(self, out, batch: dict, denom: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
     def eval_loss(self, engine, batch: dict) -> float:
         """A validation figure for one micro-batch (the main loss, per-micro mean)."""
-        ...
+        args, kw = self.model_call(batch, None)
+        return self.eval_of(engine(*args, **kw), batch)
+
+    def eval_of(self, out, batch: dict) -> float:
+        """The validation figure from the output of `model_call(batch, None)`."""
+        raise NotImplementedError
 
     def step_metrics(self, counts: torch.Tensor, world_tokens: int) -> dict:
         return {}

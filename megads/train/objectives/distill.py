@@ -105,22 +105,26 @@ class DistillObjective(SFTObjective):
         c = (batch["labels"] != -100).sum().double().reshape(1)
         return torch.cat([c, (batch["doc_ids"] >= 0).sum().reshape(1).double()])
 
-    def _kd(self, engine, batch):
+    def model_call(self, batch, denom=None):
+        return (batch["tokens"],), dict(positions=batch["positions"], doc_ids=batch["doc_ids"], local_logits=True)
+
+    def _kd(self, engine, batch, out=None):
         d = self.cfg.distill
-        kw = dict(positions=batch["positions"], doc_ids=batch["doc_ids"], local_logits=True)
-        out = engine(batch["tokens"], **kw)
+        args, kw = self.model_call(batch)
+        if out is None:
+            out = engine(*args, **kw)
         with torch.no_grad():
             t = self.teacher(batch["tokens"], **kw).logits
         per_tok = kd_token_losses(out.logits, t, d.loss, d.temperature, d.beta, self.tp_group)
         mask = batch["labels"] != -100
         return (per_tok * mask).sum(), mask.sum(), out
 
-    def forward(self, engine, batch, denom):
-        kd_sum, _, out = self._kd(engine, batch)
+    def loss_of(self, out, batch, denom):
+        kd_sum, _, out = self._kd(None, batch, out)
         kd = kd_sum / denom[0]
         total = kd + out.loss  # out.loss: the student's MoE balance term
         return total, {"loss": total.detach(), "distill/kd": kd.detach(), "balance_loss": out.aux_loss}
 
-    def eval_loss(self, engine, batch) -> float:
-        kd_sum, n, _ = self._kd(engine, batch)
+    def eval_of(self, out, batch) -> float:
+        kd_sum, n, _ = self._kd(None, batch, out)
         return float(kd_sum / n.clamp_min(1))

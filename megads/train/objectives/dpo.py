@@ -150,16 +150,21 @@ class DPOObjective(Objective):
         return ref
 
     # ------------------------------------------------------------------ the loss
-    def _seq_logps(self, model, batch):
-        out = model(batch["tokens"], batch["labels"], token_losses=True)
+    def _seq_logps(self, model, batch, out=None):
+        if out is None:
+            args, kw = self.model_call(batch)
+            out = model(*args, **kw)
         lp = -out.token_losses.sum(-1)  # [2P] sequence log-probs of the responses
         P = lp.shape[0] // 2
         self._aux = (out.loss, out.aux_loss)  # the balance term (with gradient), its value
         return lp[:P], lp[P:]
 
-    def _pair_losses(self, engine, batch):
+    def model_call(self, batch, denom=None):
+        return (batch["tokens"], batch["labels"]), {"token_losses": True}
+
+    def _pair_losses(self, engine, batch, out=None):
         d = self.cfg.dpo
-        pi_w, pi_l = self._seq_logps(engine, batch)
+        pi_w, pi_l = self._seq_logps(engine, batch, out)
         aux = self._aux
         if self.ref_model is not None:
             with torch.no_grad():
@@ -171,8 +176,8 @@ class DPOObjective(Objective):
         loss, rw, rl = dpo_loss(pi_w, pi_l, ref_w, ref_l, d.beta, d.loss_type, lengths[:P], lengths[P:])
         return loss, rw, rl, aux
 
-    def forward(self, engine, batch, denom):
-        loss, rw, rl, (aux, aux_value) = self._pair_losses(engine, batch)
+    def loss_of(self, out, batch, denom):
+        loss, rw, rl, (aux, aux_value) = self._pair_losses(None, batch, out)
         n = denom[0]
         total = loss.sum() / n + aux
         margin = rw - rl
@@ -180,6 +185,6 @@ class DPOObjective(Objective):
                        "dpo/accuracy": (margin > 0).float().sum() / n, "dpo/chosen_reward": rw.sum() / n,
                        "dpo/rejected_reward": rl.sum() / n, "balance_loss": aux_value}
 
-    def eval_loss(self, engine, batch) -> float:
-        loss, _, _, _ = self._pair_losses(engine, batch)
+    def eval_of(self, out, batch) -> float:
+        loss, _, _, _ = self._pair_losses(None, batch, out)
         return float(loss.mean())

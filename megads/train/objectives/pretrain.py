@@ -21,14 +21,18 @@ class LMObjective(Objective):
     def _model_inputs(self, batch: dict) -> dict:
         return {k: batch[k] for k in ("positions", "doc_ids") if k in batch}
 
-    def forward(self, engine, batch, denom):
-        n_terms = 1 + self.cfg.model.mtp_depth
-        out = engine(batch["tokens"], batch["labels"], num_items=denom[:n_terms], **self._model_inputs(batch))
+    def model_call(self, batch, denom):
+        kw = self._model_inputs(batch)
+        if denom is not None:
+            kw["num_items"] = denom[:1 + self.cfg.model.mtp_depth]
+        return (batch["tokens"], batch["labels"]), kw
+
+    def loss_of(self, out, batch, denom):
         return out.loss, {"loss": out.loss.detach(), "lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss,
                           "balance_loss": out.aux_loss}
 
-    def eval_loss(self, engine, batch) -> float:
-        return float(engine(batch["tokens"], batch["labels"], **self._model_inputs(batch)).lm_loss)
+    def eval_of(self, out, batch) -> float:
+        return float(out.lm_loss)
 
 
 class PretrainObjective(LMObjective):
