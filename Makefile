@@ -25,6 +25,7 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/megads launch configs/tiny.yaml --nproc $(NPROC)
+	$(VENV)/bin/megads plot runs/tiny --out runs/tiny/report.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x tests

@@ -29,32 +29,44 @@ def _cmd_model_info(args) -> int:
     from megads.config import load_config
     from megads.model.info import format_info, model_info
 
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise ConfigError(f"--seq-len: must be > 0, got {args.seq_len}")
     cfg = load_config(args.config, args.set)
-    info = model_info(cfg.model, seq_len=args.seq_len)
+    info = model_info(cfg.model, seq_len=args.seq_len or _flops_seq_len(args.config, args.set, cfg))
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({"config": str(args.config), **info}, indent=2))
     else:
         print(format_info(str(args.config), info))
     return 0
 
 
+def _flops_seq_len(config: str, overrides: list[str], cfg) -> int:
+    """The sequence length model-info counts attention FLOPs at: a run's train.seq_len (a run YAML,
+    or --set train.seq_len); 4096 for a bare model preset, which has no run."""
+    from pathlib import Path
+
+    from megads.config import PRESET_DIR, SECTIONS, read_yaml
+
+    if any(o.split("=", 1)[0].strip() == "train.seq_len" for o in overrides):
+        return cfg.train.seq_len
+    p = Path(config)
+    if not p.is_file() or p.parent.resolve() == PRESET_DIR.resolve():
+        return 4096
+    return cfg.train.seq_len if set(read_yaml(p)) & set(SECTIONS) else 4096
+
+
 def _cmd_generate(args) -> int:
     import torch
 
-    from megads.model.io import load_model
+    from megads.runtime.quiet import quiet_startup
+    from megads.train.open_model import open_model, tokenizer_dir
 
-    if not os.path.isdir(args.checkpoint):
-        raise MegadsError(f"--checkpoint {args.checkpoint}: not a directory")
-    if os.path.exists(os.path.join(args.checkpoint, "config.json")):
-        from megads import hf
-
-        model = hf.load(args.checkpoint)
-    else:
-        model = load_model(args.checkpoint)
+    _check_sampling_args(args)
+    quiet_startup()  # a training checkpoint's reader imports DeepSpeed
+    model, weights = open_model(args.checkpoint)  # final/, HF, checkpoints/step-N (any layout) or a run dir
     from megads.data.tokenizer import load_tokenizer
 
-    tok_path = args.tokenizer or args.checkpoint
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(tokenizer_dir(weights, args.tokenizer))
     prompts = args.prompt or [""]
     if args.chat:  # each prompt is one user turn under the megads-chat-v1 template
         from megads.data.sft import render_chat
@@ -62,6 +74,7 @@ def _cmd_generate(args) -> int:
         ids = [render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
     else:
         ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
+    _check_positions(ids, args.max_new_tokens, model.cfg.max_seq_len)
     S = max(len(x) for x in ids)
     pad = tok.pad_id if tok.pad_id is not None else 0
     batch = torch.full((len(ids), S), pad, dtype=torch.long)
@@ -79,7 +92,33 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _check_sampling_args(args) -> None:
+    """`megads generate` flags that cannot sample: one line naming the flag (exit 2)."""
+    if args.temperature < 0:
+        raise MegadsError(f"--temperature: must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise MegadsError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise MegadsError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+
+
+def _check_positions(ids: list[list[int]], max_new_tokens: int, max_seq_len: int) -> None:
+    """Each prompt (its own positions start at 0) plus the new tokens must fit the model's
+    positions (model.max_seq_len)."""
+    for i, x in enumerate(ids):
+        if len(x) > max_seq_len:
+            raise MegadsError(f"--prompt {i}: {len(x)} tokens, longer than the model's {max_seq_len} positions "
+                              f"(model.max_seq_len); shorten it")
+        if len(x) + max_new_tokens > max_seq_len:
+            raise MegadsError(f"--prompt {i}: {len(x)} tokens + --max-new-tokens {max_new_tokens} exceed the model's "
+                              f"{max_seq_len} positions (model.max_seq_len); use --max-new-tokens "
+                              f"{max_seq_len - len(x)} or less")
+
+
 def _cmd_train(args) -> int:
+    from megads.runtime.quiet import quiet_startup
+
+    quiet_startup(args.verbose)  # DeepSpeed's start-up chatter, unless --verbose
     from megads.train.run import run_training
 
     try:
@@ -136,6 +175,20 @@ def _cmd_checkpoint_verify(args) -> int:
     return 2 if bad else 0
 
 
+def _cmd_checkpoint_inspect(args) -> int:
+    """Print a training checkpoint's step, layout, tensors and sizes (megads.checkpoint.inspect)."""
+    import json
+
+    from megads.checkpoint import inspect
+
+    s = inspect.summary(args.dir)
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        print("\n".join(inspect.render(s, args.prefix)))
+    return 0
+
+
 def _cmd_rejection(args) -> int:
     from megads.rl.rejection import run_rejection
 
@@ -156,11 +209,38 @@ def _cmd_recipe(args) -> int:
 def _cmd_launch(args) -> int:
     from megads.train.launch import launch_local
 
-    return launch_local(args.config, args.set, nproc=args.nproc, launcher=args.launcher)
+    return launch_local(args.config, args.set, nproc=args.nproc, launcher=args.launcher, resume=args.resume,
+                        force=args.force, verbose=args.verbose)
+
+
+LAUNCH_DESCRIPTION = """Start N local ranks of `megads train CONFIG` through a launcher:
+  deepspeed  DeepSpeed's launcher (default): deepspeed --num_gpus N --no_local_rank --module megads train ...
+  torchrun   torchrun --nproc_per_node N -m megads train ...
+  mpiexec    mpiexec -n N python -m megads train ... (ranks from mpi4py)
+  python     one plain process (--nproc 1)
+The config, the layout (world = --nproc) and the batch sizes are checked before any rank starts;
+the builtin corpus is prepared once. Several nodes, hostfiles and SLURM: the scripts in launch/."""
+
+
+def _version() -> str:
+    """megads's version, with the torch and DeepSpeed it runs on (read from their metadata: fast)."""
+    from importlib import metadata
+
+    from megads import __version__
+
+    def ver(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"megads {__version__} (torch {ver('torch')}, deepspeed {ver('deepspeed')}, python {sys.version.split()[0]})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megads", description="DeepSeek-style LLM training")
+    p.add_argument("--version", action="version", version=_version(), help="print megads's version (and torch's, "
+                   "DeepSpeed's) and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp, required=True):
@@ -170,8 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("model-info", help="parameters, FLOPs per token and KV-cache bytes of a config")
     with_config(sp)
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--seq-len", type=int, default=4096, help="sequence length for the attention FLOPs")
+    sp.add_argument("--json", action="store_true", help="print the figures as JSON (with the config's name)")
+    sp.add_argument("--seq-len", type=int, default=None,
+                    help="sequence length of the attention FLOPs (default: a run config's train.seq_len; 4096 for a "
+                         "bare model preset)")
     sp.set_defaults(func=_cmd_model_info)
 
     sp = sub.add_parser("train", help="pre-train (single process, deepspeed, torchrun or mpiexec)")
@@ -182,12 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start fresh over a previous run in train.output_dir (removing its checkpoints, final/ "
                          "and metrics), or resume with changed training settings")
     sp.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    sp.add_argument("--verbose", action="store_true",
+                    help="keep DeepSpeed's start-up chatter and warnings (hidden by default) and log megads at INFO")
     sp.set_defaults(func=_cmd_train)
 
-    sp = sub.add_parser("launch", help="start N local ranks of `megads train` with the DeepSpeed launcher")
+    sp = sub.add_parser("launch", help="start N local ranks of `megads train` (launchers: deepspeed, torchrun, "
+                        "mpiexec, python)", description=LAUNCH_DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     with_config(sp)
-    sp.add_argument("--nproc", type=int, default=2)
-    sp.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "torchrun", "mpiexec", "python"])
+    sp.add_argument("--nproc", type=int, default=None, help="local ranks to start (default 2; 1 with --launcher python)")
+    sp.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "torchrun", "mpiexec", "python"],
+                    help="deepspeed (default), torchrun, mpiexec or python (one plain process, --nproc 1)")
+    sp.add_argument("--resume", default=None, help="passed to `megads train` (auto | none | DIR)")
+    sp.add_argument("--force", action="store_true", help="passed to `megads train`")
+    sp.add_argument("--verbose", action="store_true",
+                    help="keep the launcher's and DeepSpeed's start-up chatter (hidden by default on CPU)")
     sp.set_defaults(func=_cmd_launch)
 
     sp = sub.add_parser("rejection-sample", help="sample N completions per prompt from a checkpoint, keep the "
@@ -213,20 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", help="a checkpoints/step-N dir, or a run's output dir / checkpoints dir (all of them)")
     v.add_argument("--sizes-only", action="store_true", help="compare sizes only, skip the SHA-256 pass")
     v.set_defaults(func=_cmd_checkpoint_verify)
+    i = csub.add_parser("inspect", help="print a checkpoint's step, the layout that wrote it, its tensors and sizes")
+    i.add_argument("dir", help="a checkpoints/step-N dir, or a run's output dir / checkpoints dir (its newest)")
+    i.add_argument("--prefix", default="", help="list only the entries whose key starts with this "
+                                                "(model., optim.exp_avg., rank.)")
+    i.add_argument("--json", action="store_true", help="the same as JSON")
+    i.set_defaults(func=_cmd_checkpoint_inspect)
 
     sp = sub.add_parser("generate", help="sample from a megads or HF checkpoint")
-    sp.add_argument("--checkpoint", required=True, help="megads model dir (config.yaml + model.safetensors) or HF dir")
-    sp.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the checkpoint dir)")
+    sp.add_argument("--checkpoint", required=True,
+                    help="a megads model dir (a run's final/), an HF dir, a training checkpoint checkpoints/step-N "
+                         "(any layout), or a run dir (its final/, else its newest checkpoint)")
+    sp.add_argument("--tokenizer", default=None,
+                    help="tokenizer dir (default: beside the weights, else the one the run's config names)")
     sp.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
-    sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.add_argument("--temperature", type=float, default=0.0)
-    sp.add_argument("--top-p", type=float, default=1.0)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample after each prompt (default 64)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1: off)")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     sp.add_argument("--chat", action="store_true",
                     help="wrap each prompt as a user turn of the megads-chat-v1 template (SFT/DPO models)")
     sp.set_defaults(func=_cmd_generate)
 
-    for mod in ("megads.hf", "megads.data.cli"):
+    for mod in ("megads.hf", "megads.data.cli", "megads.sweep.cli"):
         try:
             __import__(mod, fromlist=["add_subcommands"]).add_subcommands(sub)
         except (ImportError, AttributeError) as e:  # optional pieces still being built

@@ -6,6 +6,7 @@ config.py alone validates. Every error is a ConfigError whose one-line message n
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import typing
@@ -32,6 +33,7 @@ class ModelConfig:
     num_layers: int = 4
     first_k_dense: int = 1  # the first k layers use a dense MLP (first_k_dense_replace)
     num_heads: int = 4  # n_h
+    attention: str = "mla"  # mla (latent attention, DeepSeek-V2) | mha (standard multi-head baseline, model/mha.py)
     q_lora_rank: int = 0  # query compression rank d_c'; 0 = a plain W_Q projection
     kv_lora_rank: int = 64  # key/value latent rank d_c
     qk_nope_head_dim: int = 32
@@ -49,6 +51,7 @@ class ModelConfig:
     router_bias: bool = True  # aux-loss-free balancing bias b_i (selection only)
     bias_update_speed: float = 0.001  # gamma in b_i += gamma * sign(mean_load - load_i)
     seq_aux_alpha: float = 0.0  # weight of the sequence-wise balance loss (0.0001 in V3)
+    aux_loss_alpha: float = 0.0  # weight of the classic expert-level balance loss over a micro-batch's tokens (Switch/GShard, DeepSeek-V2); with router_bias false it replaces bias balancing
     mtp_depth: int = 0  # D multi-token-prediction modules
     mtp_lambda: float = 0.3  # MTP loss weight
     max_seq_len: int = 512
@@ -84,6 +87,7 @@ class ModelConfig:
             _bad(where, "rope_scaling", f"must be 'none' or 'yarn', got {self.rope_scaling!r}")
         if self.rope_factor < 1:
             _bad(where, "rope_factor", f"must be >= 1, got {self.rope_factor}")
+        self._validate_baselines(where)
         if self.cache_dtype not in ("float32", "bfloat16", "float16", "int8", "float8"):
             _bad(where, "cache_dtype", f"must be one of float32, bfloat16, float16, int8, float8, got {self.cache_dtype!r}")
         if self.n_routed_experts > 0 and self.first_k_dense < self.num_layers:
@@ -103,6 +107,14 @@ class ModelConfig:
             if self.num_experts_per_tok > self.topk_group * per_group:
                 _bad(where, "num_experts_per_tok", f"must be <= topk_group x experts per group "
                      f"({self.topk_group} x {per_group}), got {self.num_experts_per_tok}")
+
+    def _validate_baselines(self, where: str) -> None:
+        """The comparison baselines of the paper-claim sweeps: MHA instead of MLA, and the classic
+        auxiliary balance loss instead of (or beside) the balancing bias."""
+        if self.attention not in ("mla", "mha"):
+            _bad(where, "attention", f"must be 'mla' or 'mha', got {self.attention!r}")
+        if self.aux_loss_alpha < 0:
+            _bad(where, "aux_loss_alpha", f"must be >= 0, got {self.aux_loss_alpha}")
 
     @property
     def head_dim_qk(self) -> int:
@@ -177,8 +189,9 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones are removed after a new one is complete)
     save_on_signal: bool = True  # SIGTERM/SIGINT: finish the step, save, exit 143/130
     verify_on_resume: bool = True  # check every file's SHA-256 against the manifest before resuming
+    async_save: bool = False  # DCP async_save: write checkpoints from a background thread (completed at the next save)
     eval_interval: int = 50
-    eval_iters: int = 4
+    eval_iters: int = 4  # validation: eval_iters batches of global_batch_size samples (the same in every layout)
     log_interval: int = 1
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/inf steps before training stops
@@ -552,11 +565,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             p = PRESET_DIR / f"{path}.yaml"
         data = read_yaml(p)
         src = f"{p}: "
-        if p.parent.resolve() == PRESET_DIR.resolve() or not (set(data) & set(SECTIONS)):
+        if not data:
+            raise ConfigError(f"{p}: empty config (a run YAML has sections {', '.join(SECTIONS)}; "
+                              f"a model preset has model fields)")
+        if _is_bare_preset(data, p):
             data = {"model": data}  # a bare model preset
         for section, body in data.items():
             if section not in SECTIONS:
-                raise ConfigError(f"{src}{section}: unknown section (sections: {', '.join(SECTIONS)})")
+                raise ConfigError(f"{src}{section}: unknown section{_did_you_mean(section, SECTIONS)} "
+                                  f"(sections: {', '.join(SECTIONS)})")
             if section == "model":
                 if isinstance(body, str):
                     cfg.model = load_model_preset(body)
@@ -576,8 +593,47 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         return cfg.validate()
     except ConfigError as e:
-        where = src + ("with --set overrides: " if overrides else "")
-        raise ConfigError(f"{where}{e}") from None
+        raise ConfigError(_blame(str(e), src, overrides or [])) from None
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _is_bare_preset(data: dict, path: Path) -> bool:
+    """Whether a YAML without run sections is a bare model preset: a file of the preset dir, or
+    one holding model fields or plain values. A mapping under an unknown name is a misspelled
+    section (`trian:`), said as such, not blamed on `model.trian`."""
+    if path.parent.resolve() == PRESET_DIR.resolve():
+        return True
+    if set(data) & set(SECTIONS):
+        return False
+    if set(data) & {f.name for f in dataclasses.fields(ModelConfig)}:
+        return True
+    for key, value in data.items():
+        if isinstance(value, dict) or value is None:
+            raise ConfigError(f"{path}: {key}: unknown section{_did_you_mean(key, SECTIONS)} "
+                              f"(sections: {', '.join(SECTIONS)})")
+    return True
+
+
+def _blame(msg: str, src: str, overrides: list[str]) -> str:
+    """Whom a validation error `section.key: rule` belongs to: the `--set` that set that key (or a
+    key the rule names), else the file, naming the overrides applied on top of it."""
+    key = msg.split(":", 1)[0].strip()
+    rule = msg.split(":", 1)[1] if ":" in msg else ""
+
+    def lhs(item: str) -> str:
+        return item.split("=", 1)[0].strip()
+
+    mine = [o for o in overrides if lhs(o) == key]
+    mine = mine or [o for o in overrides if re.search(rf"\b{re.escape(lhs(o).split('.')[-1])}\b", rule)]
+    if mine:
+        return f"--set {mine[-1]}: {msg}"
+    if overrides:
+        return f"{src}{msg} (with --set {', '.join(overrides)})"
+    return f"{src}{msg}"
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -74,7 +74,7 @@ _DEFAULTS = {
              num_nextn_predict_layers=0),
 }
 # megads training fields with no HF key: kept under "megads" in config.json for a lossless round trip
-_MEGADS_EXTRAS = ("bias_update_speed", "seq_aux_alpha", "mtp_lambda", "cache_dtype")
+_MEGADS_EXTRAS = ("bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mtp_lambda", "cache_dtype")
 
 
 # =============================================================================== config
@@ -185,6 +185,9 @@ def _rope_from_hf(d: dict, get, bad) -> dict:
 
 def hf_model_type(cfg: ModelConfig) -> str:
     """deepseek_v3 (sigmoid + balancing bias) or deepseek_v2 (softmax, no bias)."""
+    if cfg.attention != "mla":
+        raise CheckpointError(f"model.attention: {cfg.attention} (megads's comparison baseline) has no DeepSeek HF "
+                              f"equivalent; only MLA models convert")
     moe = cfg.n_routed_experts > 0 and cfg.first_k_dense < cfg.num_layers
     if cfg.score_func == "sigmoid":
         if moe and not cfg.router_bias and cfg.n_group > 1:
@@ -943,14 +946,14 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert checkpoints between HF DeepSeek-V2/V3 and megads")
     sub = p.add_subparsers(dest="convert_command", required=True)
     a = sub.add_parser("hf-to-megads", help="HF directory (config.json + safetensors) -> megads checkpoint")
-    a.add_argument("src")
-    a.add_argument("dst")
+    a.add_argument("src", help="HF DeepSeek-V2/V3 directory (config.json + *.safetensors)")
+    a.add_argument("dst", help="megads model directory to write (config.yaml + model.safetensors)")
     a.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="weights dtype (auto: as stored)")
     a.add_argument("--force", action="store_true", help="replace an existing checkpoint in DST")
     a.set_defaults(func=_cmd_hf_to_megads)
     b = sub.add_parser("megads-to-hf", help="megads checkpoint -> HF directory transformers can load")
-    b.add_argument("src")
-    b.add_argument("dst")
+    b.add_argument("src", help="megads model directory (a run's final/)")
+    b.add_argument("dst", help="HF directory to write (config.json, safetensors shards, tokenizer files)")
     b.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="weights dtype (auto: as stored)")
     b.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     b.add_argument("--force", action="store_true", help="replace an existing checkpoint in DST")

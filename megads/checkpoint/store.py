@@ -1,16 +1,20 @@
-"""Atomic, verified training checkpoints on top of DeepSpeed's engine checkpoints.
+"""Atomic, verified, layout-independent training checkpoints (torch.distributed.checkpoint).
 
-Layout: `<output_dir>/checkpoints/step-<N>/` holding DeepSpeed's files (model, optimizer, ZeRO
-partitions), `rank<R>.pt` (RNG streams, routed-expert shards), `trainer_state.pt` (step, data
-position, run id, config, layout), `manifest.json` (every file's size and SHA-256) and, last of
-all, `COMPLETE`.
+Layout: `<output_dir>/checkpoints/step-<N>/` holding DCP's files (`__<rank>_0.distcp`, one per
+rank, written in parallel, and `.metadata`: which slice of which full tensor each file holds; see
+megads.checkpoint.sharded for what is in them: model, router biases, AdamW moments, RNG streams),
+`trainer_state.pt` (step, data position, run id, config, layout), `manifest.json` (every file's
+size and SHA-256) and, last of all, `COMPLETE`. A checkpoint written under one parallel layout
+resumes under any other.
 
 A save writes into `.tmp-step-<N>`; every rank's failure (a full disk, any OSError) is agreed
 over all ranks, so every rank raises the same `SaveError`, the temporary dir is removed, and the
 previous checkpoints stay as they were. Only when every file is written and hashed does rank 0
 write the manifest, rename the directory and write COMPLETE; only then are checkpoints beyond
 `keep_last` removed. Loading verifies the manifest first (rank 0, agreed), so a truncated or
-altered file is one line naming it, on every rank alike.
+altered file is one line naming it, on every rank alike. An asynchronous save (DCP's
+`async_save`, `train.async_save`) writes from a background thread and is completed (manifest,
+rename, COMPLETE) at the next save, at the end of the run or on a signal.
 """
 from __future__ import annotations
 
@@ -31,7 +35,17 @@ from megads.errors import CheckpointError, MegadsError
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+FORMAT = "megads-dcp/1"  # torch.distributed.checkpoint files + trainer_state.pt + manifest
 EXIT_SAVE_FAILED = 4
+
+
+def _checkpoint_exception():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+_RAISED = (Exception, _checkpoint_exception())  # DCP's CheckpointException is a BaseException
 
 
 class SaveError(MegadsError):
@@ -129,8 +143,21 @@ def set_rng_state(s: dict) -> None:
 
 
 # ------------------------------------------------------------------ save
+def unwrap(e: BaseException) -> BaseException:
+    """The first underlying error of a torch.distributed.checkpoint CheckpointException (which
+    derives from BaseException and carries each failing rank's exception), else e."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        return first[0] if isinstance(first, tuple) else first
+    return e
+
+
 def describe_write_error(e: BaseException, path) -> str:
     """One line for a failed write: 'no space left on device writing …' when the disk is full."""
+    e = unwrap(e)
+    if isinstance(e, OSError) and e.filename:
+        path = e.filename
     chain, x = [], e
     while x is not None and len(chain) < 8:
         chain.append(x)
@@ -148,21 +175,6 @@ def describe_write_error(e: BaseException, path) -> str:
     return f"cannot write {path} ({type(e).__name__}: {first})"
 
 
-def _track_writes(engine) -> None:
-    """Remember the file DeepSpeed's checkpoint engine is writing, to name it when a write fails."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None or getattr(ce, "_megads_tracked", False):
-        return
-    inner = ce.save
-
-    def save(state_dict, path, *a, **kw):
-        ce._megads_writing = path
-        return inner(state_dict, path, *a, **kw)
-
-    ce.save = save
-    ce._megads_tracked = True
-
-
 def _fail_if_any(err: str | None, tmp: Path) -> None:
     errors = _gather(err)
     first = _first_error(errors)
@@ -175,15 +187,30 @@ def _fail_if_any(err: str | None, tmp: Path) -> None:
     raise SaveError(f"{first}; checkpoint not saved, the previous checkpoints are kept")
 
 
-def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, keep_last: int,
-                    rank_state: dict | None = None, extra=None) -> Path:
-    """Collective: every rank calls it. Returns the final directory; raises SaveError (on every
-    rank) when any rank could not write its part.
+class PendingSave:
+    """An asynchronous save in flight: DCP writes the files from a background thread while
+    training goes on; `finish_save` waits for it and completes the checkpoint (manifest, rename,
+    COMPLETE). Until then the step exists only as `.tmp-step-N`, which a resume ignores."""
 
-    rank_state: tensors only this rank holds and DeepSpeed does not save per rank (routed-expert
-    shards under expert parallelism), written beside the RNG state; extra: any other per-rank
-    object (a stage's state, e.g. GRPO's rollout buffer), returned by load_checkpoint."""
-    rank, world = _rank_world()
+    def __init__(self, future, tmp: Path, final: Path, step: int, trainer_state: dict, keep_last: int,
+                 output_dir: str, seconds_blocked: float):
+        self.future, self.tmp, self.final, self.step = future, tmp, final, step
+        self.trainer_state, self.keep_last, self.output_dir = trainer_state, keep_last, output_dir
+        self.seconds_blocked = seconds_blocked
+
+
+def save_checkpoint(state: dict, output_dir: str, step: int, trainer_state: dict, keep_last: int,
+                    async_group=None):
+    """Collective: every rank calls it with its part of the sharded training state
+    (megads.checkpoint.sharded.state_for_save). Returns the final directory, or a PendingSave
+    when `async_group` (a gloo group of every rank, for the background thread's collectives) is
+    given; raises SaveError (on every rank) when any rank could not write its part."""
+    import time
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    rank, _ = _rank_world()
     root = checkpoint_root(output_dir)
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
@@ -197,29 +224,41 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
         except OSError as e:
             err = describe_write_error(e, tmp)
     _fail_if_any(err, tmp)
-
-    _track_writes(engine)
-    try:
-        engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
-    except Exception as e:
-        err = describe_write_error(e, getattr(engine.checkpoint_engine, "_megads_writing", tmp))
-        _barrier()  # the barrier DeepSpeed's save ends with, which the other ranks are waiting in
-    if err is None and rank == 0:
-        for script in root.glob("*.py"):  # DeepSpeed's recovery scripts (zero_to_fp32.py …) go with
-            try:                           # the checkpoint they convert, not beside it
-                os.replace(script, tmp / script.name)
-            except OSError:
-                pass
-    if err is None:
-        target = tmp / f"rank{rank}.pt"
+    writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1)
+    t0 = time.perf_counter()
+    if async_group is not None:
         try:
-            plain = {k: v.detach().cpu().clone() for k, v in (rank_state or {}).items()}  # no param attributes
-            torch.save({"rng": rng_state(), "rank_state": plain, "extra": extra}, target)
-        except Exception as e:
-            err = describe_write_error(e, target)
+            fut = dcp.async_save(state, storage_writer=writer, process_group=async_group)
+        except _RAISED as e:
+            err = describe_write_error(e, tmp)
+        _fail_if_any(err, tmp)
+        return PendingSave(fut, tmp, final, step, trainer_state, keep_last, output_dir, time.perf_counter() - t0)
+    try:
+        dcp.save(state, storage_writer=writer)
+    except _RAISED as e:
+        err = describe_write_error(e, tmp)
     _fail_if_any(err, tmp)
+    return _complete(tmp, final, step, trainer_state, keep_last, output_dir)
 
-    # every file is written: hash them, a slice per rank, then rank 0 completes the checkpoint
+
+def finish_save(pending: PendingSave) -> Path:
+    """Collective: wait for an asynchronous save, then complete it (or raise SaveError on every
+    rank, removing it: the previous checkpoints stay)."""
+    err = None
+    try:
+        pending.future.result()
+    except _RAISED as e:
+        err = describe_write_error(e, pending.tmp)
+    _fail_if_any(err, pending.tmp)
+    return _complete(pending.tmp, pending.final, pending.step, pending.trainer_state, pending.keep_last,
+                     pending.output_dir)
+
+
+def _complete(tmp: Path, final: Path, step: int, trainer_state: dict, keep_last: int, output_dir: str) -> Path:
+    """Collective: every file is written: hash them, a slice per rank, then rank 0 writes the
+    trainer state and the manifest, renames the directory and writes COMPLETE."""
+    rank, world = _rank_world()
+    root = tmp.parent
     names = [n for n in mf.list_files(tmp)]
     try:
         mine, err = mf.hash_files(tmp, names[rank::world]), None
@@ -235,7 +274,8 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
             torch.save(trainer_state, target)
             files.update(mf.hash_files(tmp, ["trainer_state.pt"]))
             target = tmp / mf.MANIFEST
-            mf.write_manifest(tmp, files, {"step": step, "world": world, "run_id": trainer_state.get("run_id")})
+            mf.write_manifest(tmp, files, {"step": step, "world": world, "run_id": trainer_state.get("run_id"),
+                                           "format": FORMAT})
             _fsync_dir(tmp)
             if final.exists():  # a complete checkpoint of the same step: set aside until the new one is in
                 shutil.rmtree(old, ignore_errors=True)
@@ -255,7 +295,8 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
                 os.replace(old, final)  # put the earlier checkpoint of this step back
         else:
             for stale in list(root.glob(".tmp-step-*")) + list(root.glob(".old-step-*")):
-                shutil.rmtree(stale, ignore_errors=True)
+                if stale != tmp:
+                    shutil.rmtree(stale, ignore_errors=True)
             for old_ckpt in list_checkpoints(output_dir)[:-keep_last]:
                 shutil.rmtree(old_ckpt, ignore_errors=True)
     result = _from_rank0(result)
@@ -294,40 +335,42 @@ def read_trainer_state(path: Path, checksums: bool = True) -> dict:
         raise _damaged(f"{f}: unreadable ({type(e).__name__})", path) from None
 
 
-def load_checkpoint(engine, path: Path, rank_state: dict | None = None):
-    """Collective: restore engine (model, optimizer, ZeRO state), this rank's RNG and its
-    rank_state tensors (copied in place into the given dict's tensors). Call read_trainer_state
-    first: it verifies the files."""
-    rank, _ = _rank_world()
-    err = None
+def is_sharded(path: Path) -> bool:
+    """A torch.distributed.checkpoint checkpoint (megads's layout-independent format)."""
+    return (path / ".metadata").is_file()
+
+
+def legacy_error(path: Path) -> CheckpointError:
+    return _shared(CheckpointError(
+        f"{path}: written by an older megads in DeepSpeed's per-layout format, which this version no longer "
+        f"reads; start a new run from that run's final/ model (train.init_from), or resume it with megads "
+        f"from before sharded checkpoints (commit 76ddcde)"))
+
+
+def load_checkpoint(path: Path, model, optimizer, ds_optimizer, ps, same_layout: bool,
+                    load_optimizer: bool = True):
+    """Collective: restore the model, the optimizer state and (in the layout that wrote it) this
+    rank's RNG streams from a sharded checkpoint written by any layout. Returns this rank's extra
+    object (an objective's state), or None under another layout. Call read_trainer_state first:
+    it verifies the files."""
+    from megads.checkpoint import sharded
+
+    if not is_sharded(path):
+        raise legacy_error(path)
+    err, blob = None, None
     try:
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if load_path is None:
-            err = f"{path}: DeepSpeed found no checkpoint files"
-    except Exception as e:  # unreadable or mismatched files
+        blob = sharded.load_into(path, model, optimizer, ds_optimizer, ps, own_rank_blob=same_layout,
+                                 load_optimizer=load_optimizer)
+        if blob is not None:
+            set_rng_state(blob["rng"])
+    except _RAISED as e:  # unreadable or mismatched files
+        e = unwrap(e)
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        err = f"{path}: cannot load the engine state ({type(e).__name__}: {first})"
-    rank_file = path / f"rank{rank}.pt"
-    if err is None:
-        try:
-            saved = torch.load(rank_file, weights_only=False)
-            set_rng_state(saved["rng"])
-            extra = saved.get("extra")
-            for name, t in (rank_state or {}).items():
-                if name not in saved["rank_state"]:
-                    err = f"{rank_file}: no tensor {name!r} (another parallel layout?)"
-                    break
-                with torch.no_grad():
-                    t.copy_(saved["rank_state"][name])
-        except FileNotFoundError:
-            err = f"{rank_file}: missing (was the checkpoint written with another number of ranks?)"
-        except Exception as e:
-            err = f"{rank_file}: unreadable ({type(e).__name__})"
+        err = f"{path}: cannot load the training state ({type(e).__name__}: {first})"
     first = _first_error(_gather(err))
     if first is not None:
         raise _damaged(first, path)
-    return extra
+    return None if blob is None else blob.get("extra")
 
 
 def _fsync_dir(path: Path) -> None:

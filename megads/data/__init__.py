@@ -180,6 +180,9 @@ def build_datasets(data_cfg, seq_len: int, seed: int, train_samples: int | None,
         recorded = meta.get("tokenizer_path")
         if recorded and os.path.isfile(os.path.join(recorded, "tokenizer.json")):
             tok_path = recorded
+        elif recorded:  # made with a tokenizer that has gone: training without one would be silent nonsense
+            raise DataError(f"{entries[0][1]}: made with the tokenizer {recorded} (recorded in its .meta.json), "
+                            f"which is gone; set data.tokenizer to it (or to a copy: the hash is checked)")
     tokenizer = load_tokenizer(tok_path) if tok_path else None
 
     indexed = []

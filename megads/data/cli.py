@@ -18,12 +18,17 @@ def _cmd_tokenizer_train(args) -> int:
                           min_frequency=args.min_frequency)
     specials = ", ".join(f"{t}={i}" for t, i in tok.special_ids.items())
     print(f"tokenizer {tok.path}: vocab {tok.vocab_size} ({specials}); {time.perf_counter() - t0:.1f} s")
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: --vocab-size {args.vocab_size} asked for, {tok.vocab_size} made: the data has no more pairs seen "
+              f"at least --min-frequency {args.min_frequency} times (give more text, lower --min-frequency, or "
+              f"set model.vocab_size >= {tok.vocab_size})")
     return 0
 
 
 def _cmd_preprocess(args) -> int:
     from megads.data.preprocess import preprocess
 
+    _refuse_overwrite(args.output_prefix, args.force)
     stats = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
                        workers=args.workers, on_error=args.on_error, append_eos=not args.no_eos)
     print(f"{stats['output_prefix']}: {stats['documents']} documents, {stats['tokens']} tokens "
@@ -33,6 +38,16 @@ def _cmd_preprocess(args) -> int:
     if stats["skipped"] > len(stats["errors"]):
         print(f"  … and {stats['skipped'] - len(stats['errors'])} more")
     return 0
+
+
+def _refuse_overwrite(prefix: str, force: bool) -> None:
+    """An existing dataset at PREFIX is kept unless --force (a typo must not destroy a day's tokenising)."""
+    from megads.data.preprocess import meta_file
+    from megads.errors import DataError
+
+    there = [f for f in (f"{prefix}.bin", f"{prefix}.idx", meta_file(prefix)) if os.path.exists(f)]
+    if there and not force:
+        raise DataError(f"--output-prefix {prefix}: {there[0]} exists; pass --force to replace the dataset")
 
 
 def add_subcommands(subparsers) -> None:
@@ -61,4 +76,5 @@ def add_subcommands(subparsers) -> None:
     pp.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                     help="malformed lines: skip and count them, or stop at the first")
     pp.add_argument("--no-eos", action="store_true", help="do not append <|eos|> to each document")
+    pp.add_argument("--force", action="store_true", help="replace an existing dataset at --output-prefix")
     pp.set_defaults(func=_cmd_preprocess)

@@ -88,3 +88,13 @@ class MLACache:
 
     def bytes_per_token(self) -> int:
         return sum(layer.bytes_per_token() for layer in self.layers)
+
+
+def new_cache(cfg: ModelConfig, batch: int, max_len: int, **kw):
+    """The decode cache of `cfg`'s attention: MLA's latent cache, or the per-head keys and values of
+    the MHA baseline (megads.model.mha.KVCache); keyword arguments as MLACache's."""
+    if cfg.attention == "mha":
+        from megads.model.mha import KVCache
+
+        return KVCache(cfg, batch, max_len, **kw)
+    return MLACache(cfg, batch, max_len, **kw)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megads.model.cache import MLACache
+from megads.model.cache import new_cache
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -70,7 +70,7 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     mask[:, :S] = attention_mask.bool()
     positions = (mask[:, :S].long().cumsum(-1) - 1).clamp_min(0)
     dtype = next(model.parameters()).dtype
-    cache = MLACache(model.cfg, B, S + max_new_tokens, dtype=dtype, device=device, quant=cache_quant, naive=naive)
+    cache = new_cache(model.cfg, B, S + max_new_tokens, dtype=dtype, device=device, quant=cache_quant, naive=naive)
     out = torch.empty(B, S + max_new_tokens, dtype=tokens.dtype, device=device)
     out[:, :S] = tokens
     stop = torch.tensor(list(stop_tokens), dtype=tokens.dtype, device=device)

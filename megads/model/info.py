@@ -8,9 +8,12 @@ Conventions (stated in `megads model-info` output):
 - flops_per_token (training): 3 x forward; forward = 2 x active matmul weights (no embedding
   lookup) + causal attention 2 x n_h x (qk_head + v_head) x seq/2 x 2 per layer at max_seq_len
   ... at `seq_len` (argument, default 4096).
-- kv_cache_bytes_per_token: MLA caches kv_lora_rank + qk_rope_head_dim values per layer; the
-  per-head cache of the same model stores n_h x (qk_head + v_head); an MHA of the same width
-  (n_h heads of v_head_dim) stores 2 x n_h x v_head_dim.
+- mtp_flops_per_token: what the MTP modules add to flops_per_token (their blocks, projections and
+  the shared output head); a training run costs (flops_per_token + mtp_flops_per_token) x tokens.
+- kv_cache_bytes_per_token: the decode cache of the model's own attention. MLA caches
+  kv_lora_rank + qk_rope_head_dim values per layer (also `kv_cache_bytes_per_token_mla`); the
+  per-head cache of the same model, which the MHA baseline (model.attention: mha) holds, stores
+  n_h x (qk_head + v_head); an MHA of the same width (n_h heads of v_head_dim) stores 2 x n_h x v_head_dim.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8": 1
 
 def attention_params(c: ModelConfig) -> int:
     qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    if c.attention == "mha":  # fused W_QKV (q, k of qk dims, v) and W_O (megads/model/mha.py)
+        return c.hidden_size * c.num_heads * (2 * qk + c.v_head_dim) + c.num_heads * c.v_head_dim * c.hidden_size
     if c.q_lora_rank:
         q = c.hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * c.num_heads * qk
     else:
@@ -79,14 +84,29 @@ def kv_cache_bytes(c: ModelConfig, dtype: str | None = None) -> dict:
     mla = (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_layers * b
     per_head = c.num_heads * (qk + c.v_head_dim) * c.num_layers * b
     mha = 2 * c.num_heads * c.v_head_dim * c.num_layers * b
-    return {"mla": mla, "per_head_same_model": per_head, "mha_same_width": mha}
+    own = per_head if c.attention == "mha" else mla  # what this model's decode cache holds
+    return {"mla": mla, "per_head_same_model": per_head, "mha_same_width": mha, "this_model": own}
+
+
+def mtp_flops_per_token(c: ModelConfig, seq_len: int = 4096) -> int:
+    """Training FLOPs per token of the MTP modules (not in `flops_per_token`): per depth, 3 x (2 x
+    (its block's active weights + the 2d->d projection + the shared output head) + its attention)."""
+    if not c.mtp_depth:
+        return 0
+    block = layer_params(c, c.n_routed_experts > 0)[1]
+    qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    attn = 2 * c.num_heads * (qk + c.v_head_dim) * (seq_len / 2)
+    per_depth = 2 * (block + 2 * c.hidden_size * c.hidden_size + c.vocab_size * c.hidden_size) + attn
+    return int(3 * c.mtp_depth * per_depth)
 
 
 def model_info(c: ModelConfig, seq_len: int = 4096) -> dict:
     counts = param_counts(c)
     kv = kv_cache_bytes(c)
     return {**counts, "flops_per_token": flops_per_token(c, seq_len), "flops_seq_len": seq_len,
-            "kv_cache_bytes_per_token": kv["mla"], "kv_cache_bytes_per_token_per_head": kv["per_head_same_model"],
+            "mtp_flops_per_token": mtp_flops_per_token(c, seq_len), "attention": c.attention,
+            "kv_cache_bytes_per_token": kv["this_model"], "kv_cache_bytes_per_token_mla": kv["mla"],
+            "kv_cache_bytes_per_token_per_head": kv["per_head_same_model"],
             "kv_cache_bytes_per_token_mha": kv["mha_same_width"], "cache_dtype": c.cache_dtype}
 
 
@@ -98,7 +118,7 @@ def _human(n: float) -> str:
 
 
 def format_info(name: str, info: dict) -> str:
-    kv, ph, mha = (info["kv_cache_bytes_per_token"], info["kv_cache_bytes_per_token_per_head"],
+    kv, ph, mha = (info["kv_cache_bytes_per_token_mla"], info["kv_cache_bytes_per_token_per_head"],
                    info["kv_cache_bytes_per_token_mha"])
     rows = [
         (f"model", name),
@@ -106,9 +126,21 @@ def format_info(name: str, info: dict) -> str:
         ("activated parameters", f"{_human(info['active_params'])} ({info['active_params']:,})"),
         ("MTP parameters (extra)", f"{_human(info['mtp_params'])}"),
         (f"training FLOPs/token (seq {info['flops_seq_len']})", f"{_human(info['flops_per_token'])}"),
+        *_extra_rows(info),
         (f"KV cache/token, MLA latent ({info['cache_dtype']})", f"{kv:,} B"),
         ("KV cache/token, per-head K/V of this model", f"{ph:,} B ({ph / kv:.1f}x MLA)"),
         ("KV cache/token, MHA of the same width", f"{mha:,} B ({mha / kv:.1f}x MLA)"),
     ]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def _extra_rows(info: dict) -> list[tuple[str, str]]:
+    """model-info rows of the MTP modules' FLOPs and of the MHA baseline's own cache."""
+    rows = []
+    if info.get("mtp_flops_per_token"):
+        rows.append(("+ MTP modules FLOPs/token", f"{_human(info['mtp_flops_per_token'])}"))
+    if info.get("attention") == "mha":
+        own, mla = info["kv_cache_bytes_per_token"], info["kv_cache_bytes_per_token_mla"]
+        rows.append((f"attention mha: KV cache/token ({info['cache_dtype']})", f"{own:,} B ({own / mla:.1f}x the MLA latent)"))
+    return rows

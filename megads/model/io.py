@@ -42,7 +42,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cp
     Built on the meta device, so neither memory nor random init is spent on weights that are
     about to be overwritten; the rope tables (non-persistent buffers) are recomputed for real.
     """
-    from megads.model.rope import RotaryEmbedding
+    from megads.model.init import materialize
     from megads.model.transformer import Transformer
 
     with torch.device("meta"):
@@ -50,11 +50,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="cp
     if dtype != torch.float32:
         for p in model.parameters():
             p.data = p.data.to(dtype)  # meta tensors: free
-    model.to_empty(device=device)
-    model.rope = RotaryEmbedding(cfg).to(device)
-    if cfg.tie_embeddings:
-        model.head.weight = model.embed.weight
-    return model.eval()
+    return materialize(model, device).eval()
 
 
 def state_for_save(model) -> dict[str, torch.Tensor]:

@@ -54,6 +54,7 @@ class MLA(nn.Module):
                                     std=scaled_init_std(std, cfg.num_layers))
         for lin in ([self.wq_a] if cfg.q_lora_rank else []) + [self.wkv_a]:
             nn.init.normal_(lin.weight, std=std)
+            lin.param_init = {"weight": std}
 
     # ------------------------------------------------------------------ projections
     def _gather_seq(self, x):

@@ -42,8 +42,14 @@ class Gate(nn.Module):
         self.partial_group = None  # set under sequence parallelism (see MoE)
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
+        self.param_init = {"weight": cfg.init_std}
         # the balancing bias is state, not a parameter: the trainer updates it, never the optimizer
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.router_bias else None)
+
+    def init_buffers(self) -> None:
+        """A new model's router biases are zero (after building on the meta device)."""
+        if self.bias is not None:
+            self.bias.zero_()
 
     def forward(self, x):
         """x [T, D] -> weights [T, k] float32, indices [T, k], counts [E], logits [T, E]."""
@@ -79,6 +85,7 @@ class Experts(nn.Module):
         nn.init.normal_(self.w1, std=cfg.init_std)
         nn.init.normal_(self.w3, std=cfg.init_std)
         nn.init.normal_(self.w2, std=scaled_init_std(cfg.init_std, cfg.num_layers))
+        self.param_init = {"w1": cfg.init_std, "w3": cfg.init_std, "w2": scaled_init_std(cfg.init_std, cfg.num_layers)}
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x_sorted [N, D] rows grouped by expert (offsets [E+1]) -> [N, D]."""
@@ -146,6 +153,8 @@ class MoE(nn.Module):
                 p_sum = reduce_from_tp(p_sum, self.sp_group)
                 seq = S * group_size(self.sp_group)
             aux = self.cfg.seq_aux_alpha * ops.reference.balance_loss_from_sums(hits, p_sum, seq, E, k)
+        if self.training and self.cfg.aux_loss_alpha > 0:  # the classic expert-level loss (model/balance.py)
+            aux = aux + self._expert_balance_loss(logits, indices, token_mask)
         if self.split_group is not None:
             n, r = group_size(self.split_group), group_rank(self.split_group)
             if flat.shape[0] % n:
@@ -170,3 +179,15 @@ class MoE(nn.Module):
             return
         load = counts.to(self.gate.bias.device, torch.float32)
         self.gate.bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+
+    def _expert_balance_loss(self, logits: torch.Tensor, indices: torch.Tensor,
+                             token_mask: torch.Tensor | None) -> torch.Tensor:
+        """aux_loss_alpha * sum_i f_i P_i over this micro-batch's tokens (padding left out; the
+        sequence-parallel chunks of the TP ranks added up). logits [T, E], indices [T, k]."""
+        from megads.model.balance import expert_balance_loss
+
+        keep = token_mask.reshape(-1) if token_mask is not None else None
+        scores = ops.router_scores(logits, self.cfg.score_func)
+        loss = expert_balance_loss(scores, indices, self.cfg.n_routed_experts, self.cfg.num_experts_per_tok,
+                                   keep, self.sp_group)
+        return self.cfg.aux_loss_alpha * loss.float()

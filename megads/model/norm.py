@@ -16,6 +16,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.param_init = {"weight": "ones"}
         # in a sequence-parallel region each TP rank normalises its own sequence chunk: the
         # weight's gradient is partial and is summed over TP in backward
         self.sp_group = sp_group

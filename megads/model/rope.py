@@ -45,18 +45,28 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
+        inv, self.attention_factor = self._tables(cfg)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    @staticmethod
+    def _tables(cfg: ModelConfig):
+        """(inverse frequencies [dim/2] float32, cos/sin scale)."""
         dim = cfg.qk_rope_head_dim
         yarn = cfg.rope_scaling == "yarn" and cfg.rope_factor > 1
         if yarn:
             inv = yarn_inv_freq(dim, cfg.rope_theta, cfg.rope_factor, cfg.original_max_seq_len,
                                 cfg.beta_fast, cfg.beta_slow)
             # cos/sin scale (HF convention): the ratio of the two mscales (mscale 0 gives 1)
-            self.attention_factor = yarn_get_mscale(cfg.rope_factor, cfg.mscale) / yarn_get_mscale(
-                cfg.rope_factor, cfg.mscale_all_dim)
-        else:
-            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-            self.attention_factor = 1.0
-        self.register_buffer("inv_freq", inv, persistent=False)
+            return inv, yarn_get_mscale(cfg.rope_factor, cfg.mscale) / yarn_get_mscale(cfg.rope_factor,
+                                                                                         cfg.mscale_all_dim)
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)), 1.0
+
+    def init_buffers(self) -> None:
+        """Recompute the tables (after building on the meta device)."""
+        with torch.device(self.inv_freq.device):
+            inv, _ = self._tables(self.cfg)
+        self.inv_freq.copy_(inv)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [S] or [B, S] -> cos, sin [.., S, dim] (rotate-half layout)."""

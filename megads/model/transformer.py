@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megads.config import ModelConfig
 from megads.model.cache import MLACache
+from megads.model.mha import MHA
 from megads.model.mla import MLA
 from megads.model.moe import MLP, MoE
 from megads.model.norm import RMSNorm
@@ -65,7 +66,8 @@ class Block(nn.Module):
         sp = par.get("sequence_parallel", False)
         sp_group = par.get("tp_group") if sp else None
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp_group)
-        self.attn = MLA(cfg, par.get("tp_group"), sp)
+        # model.attention: DeepSeek's latent attention, or the standard multi-head baseline
+        self.attn = (MHA if cfg.attention == "mha" else MLA)(cfg, par.get("tp_group"), sp)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sp_group)
         if moe:
             self.ffn = MoE(cfg, par.get("tp_group"), sp, dispatcher=par.get("dispatcher"),
@@ -94,6 +96,7 @@ class MTPModule(nn.Module):
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         nn.init.normal_(self.eh_proj.weight, std=cfg.init_std)
+        self.eh_proj.param_init = {"weight": cfg.init_std}
         self.block = Block(cfg, cfg.num_layers + depth, cfg.n_routed_experts > 0, par)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

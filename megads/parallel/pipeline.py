@@ -243,25 +243,28 @@ class Pipeline:
         (validation: its figure)."""
         self._seen += 1
         if not self.training:
-            self._sums[i] = self.objective.eval_of(out, self.batches[i])
+            self._results[i] = self._collect(out, self.batches[i])
             return torch.zeros((), device=self.device)
         loss, mets = self.objective.loss_of(out, self.batches[i], self.denom)
         self._sums += torch.tensor([float(mets[k]) for k in self.keys], dtype=torch.float64)
         return loss
 
     # ------------------------------------------------------------------ per step
-    def run(self, batches: list[dict], denom, train: bool = True):
+    def run(self, batches: list[dict], denom, train: bool = True, collect=None):
         """Forward (and backward, when `train`) of the step's micro-batches through the schedule.
         Returns (sum over micro-batches of the objective's metrics, on every pipeline rank;
         expert counts of this rank's MoE layers [L, E] in `model.moe_layers()` order, or None).
-        Validation (`train` False, denom None): (each micro-batch's `eval_of` figure, None)."""
+        Forward only (`train` False, denom None): ([collect(output, batch) of each micro-batch],
+        None) on every pipeline rank; collect defaults to the objective's validation figure
+        (`eval_of`)."""
         if len(batches) != self.n_micro:
             raise ValueError(f"pipeline built for {self.n_micro} micro-batches, got {len(batches)}")
         if self.schedule is None:
             self._build(batches[0])
         self.batches, self.denom, self.training = batches, denom, train
         self.calls = [self.objective.model_call(b, denom) for b in batches]
-        self._sums = torch.zeros(len(self.keys) if train else self.n_micro, dtype=torch.float64)
+        self._sums = torch.zeros(len(self.keys), dtype=torch.float64)
+        self._results, self._collect = [None] * self.n_micro, collect or self.objective.eval_of
         self._seen, self._counts = 0, {}
         for s in self.stages:
             s.busy = 0.0
@@ -281,6 +284,15 @@ class Pipeline:
         self.last_idle = max(0.0, 1.0 - sum(s.busy for s in self.stages) / max(wall, 1e-12))
         if self.plan.last and self._seen != self.n_micro:
             raise RuntimeError(f"pipeline: the last stage saw {self._seen} of {self.n_micro} micro-batches")
+        if not train:  # the last stage's results on every pipeline rank
+            results = self._results
+            if self.group is not None:
+                box = [results]
+                src = stage_rank(self.plan.schedule, self.plan.pp, self.plan.n_stages - 1)
+                dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, src), group=self.group)
+                results = box[0]
+            self.batches, self.calls = [], []
+            return results, None
         sums = self._sums.to(self.device)
         if self.group is not None:  # the last stage's figures on every stage
             dist.all_reduce(sums, group=self.group)

@@ -31,6 +31,20 @@ def shard_specs(model) -> dict[str, tuple[str, int]]:
     return specs
 
 
+def shard_slices(model, ps) -> dict[str, tuple[int, int, int]]:
+    """param name -> (dim, start, full length) of this rank's slice, for every parameter it holds
+    a slice of (TP shards, its routed experts under EP); the others are whole."""
+    sizes = {"tp": (ps.layout.tp, ps.tp_rank), "ep": (ps.layout.ep, ps.ep_rank)}
+    local = dict(model.named_parameters())
+    out = {}
+    for name, (kind, dim) in shard_specs(model).items():
+        n, r = sizes[kind]
+        if n > 1 and name in local:
+            size = local[name].shape[dim]
+            out[name] = (dim, r * size, n * size)
+    return out
+
+
 def load_full_state(model, full: dict, ps) -> None:
     """Copy this rank's slices of the full state dict into the (sharded) model."""
     specs = shard_specs(model)

@@ -189,6 +189,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp_group, self.gather_output, self.sequence_parallel = tp_group, gather_output, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features // tp, in_features))
         _init_weight(self.weight, std)
+        self.param_init = {"weight": std}  # megads.model.init: the layout-independent seeded init
 
     def forward(self, x):
         if self.sequence_parallel:
@@ -215,6 +216,7 @@ class RowParallelLinear(nn.Module):
         self.tp_group, self.input_is_parallel, self.sequence_parallel = tp_group, input_is_parallel, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp))
         _init_weight(self.weight, std)
+        self.param_init = {"weight": std}  # megads.model.init: the layout-independent seeded init
 
     def forward(self, x):
         if not self.input_is_parallel:
@@ -239,6 +241,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
         _init_weight(self.weight, std)
+        self.param_init = {"weight": std}  # megads.model.init: the layout-independent seeded init
 
     def forward(self, ids):
         if group_size(self.tp_group) == 1:

@@ -5,9 +5,8 @@ hf-to-megads` result) is read shard by shard: each rank reads only its TP/EP sli
 DeepSeek-V2/V3 directory (config.json) is converted on the fly, tensor by tensor (megads.hf
 fill_sharded): each rank reads one HF tensor at a time, converts it and keeps its slice (its
 routed experts only), so no rank holds the full model. A training checkpoint
-(`checkpoints/step-N`) loads in the layout that wrote it (each rank its own module file and expert
-shards, verified against the manifest); another layout is refused with a hint: its run's `final/`
-is layout-free.
+(`checkpoints/step-N`, verified against its manifest) loads in any layout: each rank reads its own
+slices of the sharded (DCP) files.
 """
 from __future__ import annotations
 
@@ -41,43 +40,12 @@ def is_training_checkpoint(p: Path) -> bool:
 
 
 def load_training_checkpoint(model, path: Path, ps) -> None:
-    """The weights of a training checkpoint (`checkpoints/step-N`) written in this same layout:
-    this TP rank's DeepSpeed module file and this rank's expert shards; no optimizer, RNG or step.
-    Another layout is refused (one line): its run's final/ is layout-free."""
-    import torch
-    import torch.distributed as dist
-
+    """The weights of a training checkpoint (`checkpoints/step-N`, verified against its manifest)
+    in this run's layout, whatever layout wrote it: each rank reads its own slices (DCP)."""
     from megads.checkpoint import store
 
-    state = store.read_trainer_state(path)
-    here = dict(vars(ps.layout))
-    if state.get("layout") != here:
-        raise CheckpointError(f"train.init_from {path}: written by the layout {state.get('layout')}, this run is "
-                              f"{here}; a training checkpoint loads only in its own layout (start from its run's "
-                              f"final/, which any layout reads)")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    module_file = path / f"mp_rank_{ps.tp_rank:02d}_model_states.pt"
-    try:
-        module = torch.load(module_file, map_location="cpu", weights_only=False, mmap=True)["module"]
-        shards = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=False)["rank_state"]
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read its model files ({type(e).__name__}: {e})") from None
-    experts = {f"{n}.{k}" for n, m in model.named_modules() for k in ("w1", "w2", "w3")
-               if type(m).__name__ == "Experts"}
-    own = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, t in own.items():
-            if name.startswith("_deepspeed"):
-                continue
-            if name in experts and shards:
-                continue
-            if name not in module:
-                raise CheckpointError(f"{module_file}: no tensor {name!r}")
-            t.copy_(module[name])
-        for i, m in enumerate(model.moe_layers()):  # the order the trainer saved them in
-            for k, p in m.experts.named_parameters():
-                if f"{i}.{k}" in shards:
-                    p.copy_(shards[f"{i}.{k}"])
+    store.read_trainer_state(path)
+    store.load_checkpoint(path, model, None, None, ps, same_layout=False, load_optimizer=False)
 
 
 def load_into(model, path: str, ps) -> None:
@@ -137,6 +105,33 @@ def check_same_shapes(cfg_model, loaded, path: str) -> None:
                               f"model section to the checkpoint's")
 
 
+def build_local(cfg, ps, plan=None, device="cpu"):
+    """This rank's part of the model of `cfg` in the layout `ps`: the blocks of its pipeline
+    stage(s) (`plan`, megads.parallel.pipeline.StagePlan; None = all), its TP slices and its
+    routed experts, and nothing more. Built on the meta device, given storage on `device`, then
+    filled from `cfg.train.init_from` (read slice by slice) or by the seeded init, which equals
+    the same slice of the single-process initialisation of `cfg.train.seed` in every layout."""
+    import torch
+
+    from megads.model import Transformer
+    from megads.model.init import materialize, seeded_init_
+    from megads.parallel import build_model_par
+    from megads.parallel.shard import shard_slices
+
+    part = dict(layers=plan.layer_ids, embed=plan.embed, head=plan.last) if plan is not None else {}
+    par = build_model_par(cfg, ps) if ps.layout.tp > 1 or ps.layout.ep > 1 else None
+    with torch.device("meta"):
+        model = Transformer(cfg.model, par=par, **part)
+    materialize(model, device)
+    src = cfg.train.init_from
+    if src:
+        check_same_shapes(cfg.model, model_config_of(src), src)
+        load_into(model, src, ps)
+    else:
+        seeded_init_(model, cfg.train.seed, shard_slices(model, ps))
+    return model
+
+
 def build_frozen(path: str, cfg, ps, device, what: str = "model"):
     """A frozen (eval, no gradients) model from `path` (megads dir, HF dir, or a training
     checkpoint of this layout) in the layout `ps`, with the vocabulary of `cfg.model`: a
@@ -155,7 +150,13 @@ def build_frozen(path: str, cfg, ps, device, what: str = "model"):
                           f"({mcfg.n_routed_experts}) do not divide over tp={ps.layout.tp}, ep={ps.layout.ep}")
     tcfg = Config(model=mcfg, parallel=cfg.parallel)
     par = build_model_par(tcfg, ps) if (ps.layout.tp > 1 or ps.layout.ep > 1) else None
-    model = Transformer(mcfg, par=par).to(device)  # (its random init is overwritten)
+    from megads.model.init import materialize
+
+    import torch
+
+    with torch.device("meta"):  # no random init: the files fill every tensor
+        model = Transformer(mcfg, par=par)
+    materialize(model, device)
     load_into(model, path, ps)
     model.eval().requires_grad_(False)
     return model

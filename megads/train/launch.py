@@ -30,29 +30,45 @@ def _tool(name: str) -> str:
     return found
 
 
-def launch_command(config: str, overrides: list[str], nproc: int, launcher: str) -> list[str]:
-    train = ["train", str(config)] + [a for o in overrides for a in ("--set", o)]
+def launch_command(config: str, overrides: list[str], nproc: int, launcher: str, train_args: list[str] = (),
+                   launcher_args: list[str] = ()) -> list[str]:
+    """The command line of a launcher starting `nproc` ranks of `megads train config`; train_args
+    (--resume, --force, --verbose) go to `megads train`, launcher_args to the launcher."""
+    train = ["train", str(config)] + [a for o in overrides for a in ("--set", o)] + list(train_args)
     if launcher == "deepspeed":
-        return [_tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
+        return [_tool("deepspeed"), *launcher_args, "--num_gpus", str(nproc), "--master_port", str(_free_port()),
                 "--no_local_rank", "--module", "megads"] + train
     if launcher == "torchrun":
-        return [_tool("torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+        return [_tool("torchrun"), *launcher_args, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
                 "-m", "megads"] + train
     if launcher == "mpiexec":
-        return [_tool("mpiexec"), "-n", str(nproc), sys.executable, "-m", "megads"] + train
+        return [_tool("mpiexec"), *launcher_args, "-n", str(nproc), sys.executable, "-m", "megads"] + train
     return [sys.executable, "-m", "megads"] + train
 
 
-def launch_local(config: str, overrides: list[str], nproc: int = 2, launcher: str = "deepspeed") -> int:
+def launch_local(config: str, overrides: list[str], nproc: int | None = None, launcher: str = "deepspeed",
+                 resume: str | None = None, force: bool = False, verbose: bool = False) -> int:
+    """`megads launch`: check everything that can be checked in one process (the config, the
+    layout over --nproc ranks, the batch sizes, the input files: megads.train.preflight), prepare
+    the builtin corpus once, then start the ranks; on a CPU machine the launcher's INFO chatter is
+    hidden unless `verbose`."""
+    from megads.runtime.quiet import launcher_env_and_args
+    from megads.train.preflight import check_launch
+
+    if nproc is None:
+        nproc = 1 if launcher == "python" else 2
     cfg = load_config(config, overrides)  # fail fast, in one process, on a bad config
+    check_launch(cfg, nproc, launcher)
     if cfg.data.builtin_corpus:
         from megads.data import prepare_builtin
 
         prefix, tok = prepare_builtin(cfg.data)
         print(f"data: {prefix} (tokenizer {tok})", flush=True)
-    cmd = launch_command(config, overrides, nproc, launcher)
+    env, launcher_args = launcher_env_and_args(launcher, verbose, nproc)
+    train_args = (["--resume", resume] if resume else []) + (["--force"] if force else []) + (["--verbose"] if verbose else [])
+    cmd = launch_command(config, overrides, nproc, launcher, train_args, launcher_args)
     print("launching:", " ".join(cmd), flush=True)
-    return run_forwarding_signals(cmd)
+    return run_forwarding_signals(cmd, env)
 
 
 def rank_processes(pid: int) -> list:
@@ -70,7 +86,7 @@ def rank_processes(pid: int) -> list:
     return found
 
 
-def run_forwarding_signals(cmd: list[str]) -> int:
+def run_forwarding_signals(cmd: list[str], env: dict | None = None) -> int:
     """Run a launcher and hand SIGTERM/SIGINT to its ranks directly, then wait for its exit code.
 
     The DeepSpeed runner does not forward signals on one node (it just dies, leaving the ranks
@@ -79,7 +95,8 @@ def run_forwarding_signals(cmd: list[str]) -> int:
     launchers then pass up as their own exit code."""
     import signal
 
-    p = subprocess.Popen(cmd, start_new_session=True)  # Ctrl-C reaches us, not the launcher
+    p = subprocess.Popen(cmd, start_new_session=True,  # Ctrl-C reaches us, not the launcher
+                         env=dict(os.environ, **env) if env else None)
 
     def forward(signum, frame):
         ranks = rank_processes(p.pid)

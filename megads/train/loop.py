@@ -65,11 +65,21 @@ class Trainer:
         self.lock = None
         resume_path, self.run_id, notes = self._open_run_dir(resume, force)
         state = None
+        self._same_layout = True
         if resume_path is not None:
             state = ckpt.read_trainer_state(resume_path, cfg.train.verify_on_resume)
             changes = compat.check(state.get("config", {}), cfg.to_dict(), state.get("layout"),
-                                   dict(vars(self.ps.layout)), str(resume_path), force)
+                                   dict(vars(self.ps.layout)), str(resume_path), force,
+                                   reshard=ckpt.is_sharded(resume_path))
             notes += [f"resume: {k} changed {o!r} -> {n!r}" for k, o, n in changes]
+            self._same_layout = state.get("layout") == dict(vars(self.ps.layout)) and all(
+                state["config"]["parallel"].get(k) == getattr(p, k) for k in ("vpp", "pp_schedule", "pp_layers"))
+            if not self._same_layout and state.get("has_extra"):
+                e = ConfigError(f"{resume_path}: holds per-rank {cfg.train.stage} state (e.g. GRPO's rollout buffer "
+                                f"mid-iteration) that does not reshard; resume it in the layout that wrote it "
+                                f"{state.get('layout')}, or from a checkpoint at a rollout boundary")
+                e.every_rank = True
+                raise e
             self.run_id = state.get("run_id") or self.run_id
         if self.lock is not None:  # the run goes ahead: say who holds the output dir
             self.lock.announce(self.run_id)
@@ -78,9 +88,6 @@ class Trainer:
         if p.pp > 1:
             from megads.parallel import pipeline
 
-            if cfg.train.stage == "dpo":
-                raise ConfigError("train.stage: dpo with parallel.pp > 1 is not supported yet (its reference "
-                                  "pass and resident reference model run the whole model); use pp: 1")
             self.pp_plan = pipeline.plan(cfg, self.ps.pp_rank)
             # the schedule runs the step's micro-batches; DeepSpeed sees one micro step per update
             self.ds_config["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size * self.gas
@@ -103,7 +110,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size})")
 
-        self.model = self._build_model().to(self.device)
+        self.model = self._build_model()
         self.model.activation_checkpointing = t.activation_checkpointing
         group_fn = None
         if p.ep > 1 and cfg.model.n_routed_experts:
@@ -125,11 +132,25 @@ class Trainer:
         self.step = 0
         self.bad_total = 0
         self.history: list[dict] = []  # every step's record (all ranks), for tests and tools
+        self._pending = None  # an asynchronous checkpoint save in flight
+        self._async_group = dist.new_group(backend="gloo") if t.async_save and dist.is_initialized() else None
         if resume_path is not None:
-            self.objective.restore_extra(ckpt.load_checkpoint(self.engine, resume_path, self._rank_state()))
+            t0 = time.perf_counter()
+            extra = ckpt.load_checkpoint(resume_path, self.model, self.optimizer, self._ds_optimizer(), self.ps,
+                                         self._same_layout)
+            self.load_seconds = time.perf_counter() - t0
+            self.objective.restore_extra(extra)
             self.step, self.bad_total = state["step"], state.get("bad_steps_total", 0)
+            self.engine.global_steps = self.step
+            self.engine.global_samples = self.step * t.global_batch_size
         self.start_step = self.step
         self.resumed_from = resume_path
+        self.pipeline = None
+        if self.pp_plan is not None:
+            from megads.parallel.pipeline import Pipeline
+
+            self.pipeline = Pipeline(self.model, self.pp_plan, self.ps, self.device, self.gas, self.objective,
+                                     self.objective.averaged)
         self.metrics = Metrics(t.output_dir, self.rank == 0, t.tensorboard, t.progress, t.max_steps, self.step,
                                run_id=self.run_id)
         for n in notes:
@@ -141,40 +162,20 @@ class Trainer:
             self.metrics.write(f"resumed from {resume_path} at step {self.step} (run {self.run_id} continues)")
         else:
             self.metrics.write(f"run {self.run_id}: fresh start in {t.output_dir}")
-        self.pipeline = None
-        if self.pp_plan is not None:
-            from megads.parallel.pipeline import Pipeline
-
-            self.pipeline = Pipeline(self.model, self.pp_plan, self.ps, self.device, self.gas, self.objective,
-                                     self.objective.averaged)
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak = measure_peak_flops() if self.rank == 0 else 1.0
 
     # ------------------------------------------------------------------ setup helpers
     def _build_model(self) -> Transformer:
-        """Every layout starts from the single-process initialisation of the same seed: the full
-        model is built, then each rank keeps its TP/EP shards."""
-        from megads.parallel import build_model_par
-        from megads.parallel.shard import load_full_state
+        """This rank's part of the model and nothing more: its pipeline stage(s), its TP slices,
+        its routed experts, built on the meta device, then given storage and filled, either from
+        `train.init_from` (read slice by slice) or by the layout-independent seeded init
+        (megads.model.init), which equals the same slice of the single-process initialisation."""
+        from megads.train.init import build_local
 
         torch.manual_seed(self.cfg.train.seed)
         np.random.seed(self.cfg.train.seed)
-        full = Transformer(self.cfg.model)
-        pl = self.pp_plan
-        if self.ps.layout.tp == 1 and self.ps.layout.ep == 1 and pl is None:
-            model = full
-        else:
-            part = dict(layers=pl.layer_ids, embed=pl.embed, head=pl.last) if pl is not None else {}
-            par = build_model_par(self.cfg, self.ps) if self.ps.layout.tp > 1 or self.ps.layout.ep > 1 else None
-            model = Transformer(self.cfg.model, par=par, **part)
-            load_full_state(model, full.state_dict(), self.ps)
-        if self.cfg.train.init_from:
-            from megads.train import init
-
-            src = self.cfg.train.init_from
-            init.check_same_shapes(self.cfg.model, init.model_config_of(src), src)
-            init.load_into(model, src, self.ps)
-        return model
+        return build_local(self.cfg, self.ps, self.pp_plan, self.device)
 
     def build_frozen(self, path: str) -> Transformer:
         """A frozen model from `path` in this run's layout (a distillation teacher)."""
@@ -305,7 +306,7 @@ class Trainer:
             keys = self.objective.averaged
             sums = np.zeros(len(keys))
             counts = None
-            batches = self.objective.step_batches(self, step)
+            batches = self.objective.attach(self, self.objective.step_batches(self, step))
             tokens = self._global_token_counts(batches)
             denom = (tokens / (self.dp * self.gas)).float()  # each micro-batch's share of the global mean
             if self.pipeline is not None:
@@ -355,7 +356,7 @@ class Trainer:
             self.history.append(rec)
             self.metrics.log_step(rec)
             if consecutive_bad >= t.max_bad_steps:
-                path = self._save()
+                path = self._save(wait=True)
                 self.metrics.write(f"stopping: {consecutive_bad} consecutive bad steps (train.max_bad_steps = "
                                    f"{t.max_bad_steps}); the last good state is saved in {path}")
                 self.metrics.close()
@@ -373,6 +374,7 @@ class Trainer:
                 return self._stop_now(last_saved)
         if last_saved is None and self.step != self.start_step:
             self._save()
+        self._finish_pending()
         self._finish()
         return 0
 
@@ -392,7 +394,8 @@ class Trainer:
 
     def _stop_now(self, last_saved: Path | None) -> int:
         """After a signal: save (unless this step was just saved), say where and how to resume."""
-        path = last_saved if last_saved is not None and last_saved.name == f"step-{self.step}" else self._save()
+        self._finish_pending()
+        path = last_saved if last_saved is not None and last_saved.name == f"step-{self.step}" else self._save(wait=True)
         self.stop.done = True
         self.metrics.write(f"megads: stopped by {self.stop.name()} after step {self.step}: checkpoint {path}; "
                            f"resume with the same command (--resume auto) or --resume {path}")
@@ -455,38 +458,72 @@ class Trainer:
         if self.valid_ds is None or len(self.valid_ds) == 0:
             return float("nan")
         self.engine.eval()
-        per = t.eval_iters * t.micro_batch_size * self.dp
+        # eval_iters batches of global_batch_size samples (as Megatron): the same samples, in the
+        # same micro-batches, in every layout; each DP rank takes its share of each batch
+        per = t.eval_iters * t.global_batch_size
         total = 0.0
         slot = (self.step // t.eval_interval) % max(1, len(self.valid_ds) // max(1, per))
-        if self.pipeline is not None:  # whole schedules of gas micro-batches; the first eval_iters count
-            for k in range(-(-t.eval_iters // self.gas)):
-                vals, _ = self.pipeline.run([self._batch(self.valid_ds, slot, k * self.gas + i, per)
-                                             for i in range(self.gas)], None, train=False)
-                total += float(vals[:max(0, t.eval_iters - k * self.gas)].sum())
-        for i in range(t.eval_iters if self.pipeline is None else 0):
-            total += self.objective.eval_loss(self.engine, self._batch(self.valid_ds, slot, i, per))
+        for it in range(t.eval_iters):
+            batches = self.objective.attach(self, [self._batch(self.valid_ds, slot, it * self.gas + m, per)
+                                                   for m in range(self.gas)])
+            if self.pipeline is not None:
+                vals, _ = self.pipeline.run(batches, None, train=False)
+                total += float(sum(vals))
+            else:
+                total += sum(self.objective.eval_loss(self.engine, b) for b in batches)
         self.engine.train()
-        return self._mean_over_dp([total / max(1, t.eval_iters)])[0]
+        return self._mean_over_dp([total / max(1, t.eval_iters * self.gas)])[0]
 
-    def _save(self) -> Path:
+    def _ds_optimizer(self):
+        """DeepSpeed's optimizer when it keeps the fp32 master and moments in flat partitions
+        (ZeRO-1/2, bf16), else None (the guarded AdamW holds them per parameter)."""
+        if any(hasattr(p, "_hp_mapping") for p in self.model.parameters()):
+            return self.engine.optimizer
+        return None
+
+    def _save(self, wait: bool = False) -> Path:
+        """Collective: a checkpoint of this step (see megads.checkpoint). With train.async_save the
+        files are written in the background and the checkpoint completes at the next save, at the
+        end of the run or on a signal (`wait`: complete it now)."""
+        from megads.checkpoint import sharded
+
+        self._finish_pending()
+        t = self.cfg.train
+        extra = self.objective.checkpoint_extra()
         state = {"step": self.step, "bad_steps_total": self.bad_total, "run_id": self.run_id,
-                 "consumed_samples": self.step * self.cfg.train.global_batch_size,
-                 "layout": dict(vars(self.ps.layout)), "config": self.cfg.to_dict()}
+                 "consumed_samples": self.step * t.global_batch_size, "lr": lr_at(self.step, t),
+                 "layout": dict(vars(self.ps.layout)), "config": self.cfg.to_dict(), "format": ckpt.FORMAT,
+                 "has_extra": any(self._all_ranks(extra is not None))}
         if self.stop is not None:
             self.stop.saving = True  # (only the wording of a second signal's abort line)
         try:
-            return ckpt.save_checkpoint(self.engine, self.cfg.train.output_dir, self.step, state,
-                                        self.cfg.train.keep_last, self._rank_state(),
-                                        extra=self.objective.checkpoint_extra())
+            t0 = time.perf_counter()
+            shards = sharded.state_for_save(self.model, self.optimizer, self._ds_optimizer(), self.ps,
+                                            {"rng": ckpt.rng_state(), "extra": extra})
+            out = ckpt.save_checkpoint(shards, t.output_dir, self.step, state, t.keep_last,
+                                       async_group=None if wait else self._async_group)
+            self.save_seconds = time.perf_counter() - t0  # what training waited for
+            if isinstance(out, ckpt.PendingSave):
+                self._pending = out
+                return out.final
+            return out
         finally:
             if self.stop is not None:
                 self.stop.saving = False
 
-    def _rank_state(self) -> dict:
-        """Routed-expert shards under EP (DeepSpeed's model file holds only rank 0's)."""
-        if self.ps.layout.ep == 1:
-            return {}
-        return {f"{i}.{n}": p for i, m in enumerate(self.model.moe_layers()) for n, p in m.experts.named_parameters()}
+    def _finish_pending(self) -> Path | None:
+        """Collective: complete the asynchronous save in flight, if any."""
+        if self._pending is None:
+            return None
+        pending, self._pending = self._pending, None
+        return ckpt.finish_save(pending)
+
+    def _all_ranks(self, flag: bool) -> list[bool]:
+        if not dist.is_initialized() or self.world == 1:
+            return [flag]
+        out = [None] * self.world
+        dist.all_gather_object(out, flag)
+        return out
 
     def _finish(self) -> None:
         """Write the final model in megads format and print a few generated samples (rank 0)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -68,11 +69,9 @@ class Metrics:
                 self.writer = SummaryWriter(str(out / "tensorboard"))
             except Exception as e:  # tensorboard missing: keep training, say so
                 log.warning("TensorBoard disabled: %s", e)
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            unit="step", mininterval=0.5)
+        # the bar appears with the first step and closes with the last, so the start-up and closing
+        # messages print as plain lines instead of redrawing it between them (_ProgressBar)
+        self.progress = _ProgressBar(total_steps, start_step) if progress else None
 
     def log_step(self, record: dict) -> None:
         if not self.enabled:
@@ -83,10 +82,8 @@ class Metrics:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(f"train/{k}", v, step)
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                 lr=f"{record['lr']:.2e}", refresh=False)
+        if self.progress is not None:
+            self.bar = self.progress.update(step, record)
 
     def log_eval(self, step: int, loss: float) -> None:
         if not self.enabled:
@@ -120,7 +117,12 @@ class Metrics:
             self._write_failed = True
 
     def log_expert_heatmap(self, step: int, load: np.ndarray) -> None:
-        if self.enabled and self.writer is not None:
+        """The step's tokens per expert [L_moe, E]: a TensorBoard image, and a metrics.jsonl record
+        {"step", "expert_load"} that `megads plot` draws its per-layer heatmaps from."""
+        if not self.enabled:
+            return
+        self._append({"step": step, "expert_load": np.asarray(load).round(3).tolist()})
+        if self.writer is not None:
             self.writer.add_image("experts/load", heatmap_image(load), step)
 
     def write(self, msg: str) -> None:
@@ -134,11 +136,85 @@ class Metrics:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.close()
+        if self.progress is not None:
+            self.progress.close()
+            self.bar = None
         if self.writer is not None:
             self.writer.close()
         try:
             self.file.close()
         except OSError:
             pass
+
+
+class _BarLogHandler(logging.Handler):
+    """Log records (and captured warnings) printed through tqdm.write while the bar is shown, so a
+    log line is printed above the bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+class _ProgressBar:
+    """The training progress bar of rank 0: created at the first logged step, closed at the last
+    one (so the closing evaluation, final-model and sample lines follow it once instead of
+    redrawing it after each), with logging and warnings routed above it while it is shown."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start = total, start
+        self.bar = None
+        self.done = False
+        self._swapped: list = []
+        self._captured = False
+
+    def update(self, step: int, record: dict):
+        """Advance to `step`; returns the bar while it is shown (None once closed)."""
+        if self.done:
+            return None
+        if self.bar is None:
+            from tqdm import tqdm
+
+            # into a file or pipe (a log, a sweep point) every redraw is a new line: one every 30 s there
+            tty = getattr(sys.stderr, "isatty", lambda: False)()
+            self.bar = tqdm(total=self.total, initial=self.start, desc="train", dynamic_ncols=True, unit="step",
+                            mininterval=0.5 if tty else 30.0)
+            self._route_logging()
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                             lr=f"{record['lr']:.2e}", refresh=False)
+        if step >= self.total:
+            self.close()
+            return None
+        return self.bar
+
+    def _route_logging(self) -> None:
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout):
+                bar_h = _BarLogHandler(h.level)
+                bar_h.setFormatter(h.formatter)
+                root.removeHandler(h)
+                root.addHandler(bar_h)
+                self._swapped.append((h, bar_h))
+        logging.captureWarnings(True)
+        self._captured = True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.refresh()
+            self.bar.close()
+            self.bar = None
+        self.done = True
+        if self._captured:
+            logging.captureWarnings(False)
+            self._captured = False
+        root = logging.getLogger()
+        for h, bar_h in self._swapped:
+            root.removeHandler(bar_h)
+            root.addHandler(h)
+        self._swapped = []

@@ -117,6 +117,6 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "120 documents" in out and "1 skipped" in out and f"{src}:121: invalid JSON" in out
     args = parser.parse_args(["preprocess", "--input", src, "--tokenizer", str(tmp_path / "tok"),
-                              "--output-prefix", str(tmp_path / "ds"), "--on-error", "fail"])
+                              "--output-prefix", str(tmp_path / "ds"), "--on-error", "fail", "--force"])
     with pytest.raises(DataError, match=f"{src}:121"):
         args.func(args)

@@ -1,6 +1,6 @@
 """Test-only faults, loaded by Python at start-up when this folder is on PYTHONPATH (see
-tests/train/conftest.py `faults_env`). Nothing here is in megads itself: it wraps `torch.save` so a
-checkpoint write can be slowed, fail with ENOSPC, or kill the process, in every process a launcher
+tests/train/conftest.py `faults_env`). Nothing here is in megads itself: it wraps `torch.save` and the file
+streams of torch.distributed.checkpoint so a checkpoint write can be slowed, fail with ENOSPC, or kill the process, in every process a launcher
 starts.
 
 MEGADS_TEST_FAULTS: comma-separated `kind:step[:rank][=arg]` entries, acting on files written into
@@ -55,6 +55,30 @@ if _SPEC:
         return out
 
     torch.save = _save
+
+    # torch.distributed.checkpoint writes its files through FileSystem.create_stream
+    import contextlib
+
+    from torch.distributed.checkpoint import filesystem as _fs
+
+    _real_stream = _fs.FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def _stream(self, path, mode):
+        m = re.search(r"\.tmp-step-(\d+)", str(path))
+        hits = [x for x in _faults if "w" in mode and m and x[0] != "steptime"
+                and _step_matches(x[1], int(m.group(1))) and x[2] in (None, _rank())]
+        for kind, _, _, arg in hits:
+            if kind == "sleep":
+                time.sleep(arg)
+            elif kind == "enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        with _real_stream(self, path, mode) as s:
+            yield s
+        if any(k == "kill" for k, *_ in hits):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _fs.FileSystem.create_stream = _stream
 
     _steptime = [x[3] for x in _faults if x[0] == "steptime"]
     if _steptime:

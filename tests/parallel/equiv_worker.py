@@ -141,6 +141,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], help="extra overrides (benchmarks)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="resume the latest checkpoint of the run dir")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(None, overrides(a.tp, a.ep, a.zero, a.out) + a.set)
@@ -152,11 +153,14 @@ def main():
     else:
         kind = {"sft": SyntheticSFT, "distill": SyntheticSFT, "dpo": SyntheticPairs}.get(t.stage, Synthetic)
         data = (kind(n, t.seq_len, cfg.model.vocab_size, 1), kind(16, t.seq_len, cfg.model.vocab_size, 2), None)
-    tr = Trainer(cfg, resume="none", datasets=data)
+    tr = Trainer(cfg, resume="auto" if a.resume else "none", datasets=data)
+    loaded = tr.full_state() if a.resume else None  # what the checkpoint gave this layout
     tr.train()
+    valid = tr.evaluate() if t.stage != "grpo" else None
     full = tr.full_state()
     if tr.rank == 0:
-        torch.save({"losses": [r["loss"] for r in tr.history], "state": full,
+        torch.save({"losses": [r["loss"] for r in tr.history], "state": full, "valid": valid, "loaded": loaded,
+                    "steps": [r["step"] for r in tr.history], "history": tr.history,
                     "grad_norm": [r["grad_norm"] for r in tr.history], "grad_clip": cfg.train.grad_clip,
                     "a2a": [r.get("a2a_bytes_per_token", 0.0) for r in tr.history],
                     "step_time": [r["step_time_s"] for r in tr.history],

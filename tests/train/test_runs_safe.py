@@ -218,7 +218,7 @@ def test_second_signal_during_the_save_aborts_and_keeps_the_previous_checkpoint(
 def test_lock_refuses_a_second_run_and_dies_with_its_holder(corpus, reference, tmp_path):
     _, ref, _ = reference
     args = train_args(corpus, tmp_path)
-    p = start(args, tmp_path / "log", env=faults_env("steptime:0=1.0"))
+    p = start(args, tmp_path / "log", env=faults_env("steptime:0=3.0"))  # slow enough to outlast the second start-up
     assert wait_for(lambda: (tmp_path / "checkpoints" / "step-2" / "COMPLETE").is_file(), p)
     code, text = run(args)
     assert code == 2, text[-2000:]
@@ -321,10 +321,10 @@ def _flip(p: Path):
 
 
 @pytest.mark.parametrize("name,damage", [
-    ("mp_rank_00_model_states.pt", _truncate),  # DeepSpeed's model + optimizer file
-    ("mp_rank_00_model_states.pt", _flip),  # same size, other bytes: the checksum
+    ("__0_0.distcp", _truncate),  # rank 0's DCP file: model, optimizer moments, RNG streams
+    ("__0_0.distcp", _flip),  # same size, other bytes: the checksum
+    (".metadata", _truncate),  # DCP's index of which slice lives where
     ("trainer_state.pt", _truncate),
-    ("rank0.pt", _truncate),  # RNG streams and per-rank tensors
     ("manifest.json", _truncate),
 ])
 def test_damaged_checkpoint_file_is_one_line_naming_it(corpus, reference, tmp_path, name, damage):
@@ -355,7 +355,7 @@ def test_unreadable_file_without_checksums_is_still_one_line(corpus, reference, 
 
 def test_damaged_partition_of_rank1_two_ranks(corpus, reference2, tmp_path):
     out = copy_run(reference2[0], tmp_path / "run")
-    bad = out / "checkpoints" / "step-6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    bad = out / "checkpoints" / "step-6" / "__1_0.distcp"  # rank 1's shard of the sharded checkpoint
     assert bad.is_file(), sorted(p.name for p in bad.parent.iterdir())
     _truncate(bad)
     code, text = run(train_args(corpus, out, extra=TWO), nproc=2)

@@ -79,6 +79,12 @@ class Objective(abc.ABC):
         """This rank's `gas` micro-batches of optimizer step `step` (GRPO makes them by sampling)."""
         return [loop._batch(loop.train_ds, step, m, self.cfg.train.global_batch_size) for m in range(loop.gas)]
 
+    def attach(self, loop, batches: list[dict]) -> list[dict]:
+        """The micro-batches of a step (or a validation batch) with what the stage computes for
+        all of them before the policy's pass (DPO under pipeline parallelism: the resident
+        reference's log-probs, from its own pipeline)."""
+        return batches
+
     # evaluate(loop) -> dict, where a stage's held-out figure is not a loss (GRPO: accuracy)
     evaluate = None
 

@@ -96,8 +96,22 @@ class DistillObjective(SFTObjective):
     averaged = ("loss", "distill/kd", "balance_loss")
 
     def prepare(self, loop):
-        self.teacher = loop.build_frozen(self.cfg.distill.teacher)
         self.tp_group = loop.model.tp_group
+        if loop.pp_plan is not None:
+            from pathlib import Path
+
+            from megads.errors import ConfigError
+            from megads.train.init import is_training_checkpoint
+
+            if is_training_checkpoint(Path(self.cfg.distill.teacher)):
+                e = ConfigError(f"distill.teacher {self.cfg.distill.teacher}: a training checkpoint under "
+                                f"parallel.pp > 1 (only the last stage loads the teacher); use its run's final/")
+                e.every_rank = True
+                raise e
+        if loop.pp_plan is not None and not loop.pp_plan.last:
+            self.teacher = None  # the loss is taken on the last pipeline stage: only its ranks hold the teacher
+            return f"distill: teacher {self.cfg.distill.teacher} on the last pipeline stage, {self.cfg.distill.loss}"
+        self.teacher = loop.build_frozen(self.cfg.distill.teacher)
         n = sum(p.numel() for p in self.teacher.parameters())
         return f"distill: teacher {self.cfg.distill.teacher} ({n / 1e6:.1f}M parameters on this rank), {self.cfg.distill.loss}"
 

@@ -82,10 +82,14 @@ class DPOObjective(Objective):
     def prepare(self, loop) -> str | None:
         """Precomputed: load the cached reference log-probs, or compute them now (fresh start only:
         they are the initial policy's). Resident: build the frozen copy of the initial model."""
-        self.ref_model = None
+        self.ref_model = self.ref_pipeline = None
         if self.cfg.dpo.reference == "resident":
             self.ref_model = loop._build_model().to(loop.device).eval()
             self.ref_model.requires_grad_(False)
+            if loop.pipeline is not None:  # this rank's stages of the reference, run by a pipeline of their own
+                from megads.parallel.pipeline import Pipeline
+
+                self.ref_pipeline = Pipeline(self.ref_model, loop.pp_plan, loop.ps, loop.device, loop.gas, self, ())
             return "dpo: resident reference model (the initial weights, frozen, same layout)"
         from megads.errors import DataError
 
@@ -129,15 +133,26 @@ class DPOObjective(Objective):
         n, mb = len(pairs), self.cfg.train.micro_batch_size
         mine = list(range(loop.dp_rank, n, loop.dp))
         steps = -(-((n + loop.dp - 1) // loop.dp) // mb)
+        if loop.pipeline is not None:  # whole pipeline schedules of gas micro-batches
+            steps = -(-steps // loop.gas) * loop.gas
         loop.engine.eval()
         got = {}
+        idxs, batches = [], []
         for s in range(steps):
             idx = mine[s * mb:(s + 1) * mb] or mine[-1:]
             idx = idx + [idx[-1]] * (mb - len(idx))
-            b = self.collate([pairs[i] for i in idx], loop.device)
-            lw, ll = self._seq_logps(loop.engine, b)
-            for i, a, c in zip(idx, lw.tolist(), ll.tolist()):
-                got[i] = (a, c)
+            idxs.append(idx)
+            batches.append(self.collate([pairs[i] for i in idx], loop.device))
+            if loop.pipeline is None:
+                outs = [self._seq_logps(loop.engine, batches[-1])]
+            elif len(batches) == loop.gas:
+                outs, _ = loop.pipeline.run(batches, None, train=False, collect=self._logps_of)
+            else:
+                continue
+            for idx_, (lw, ll) in zip(idxs, outs):
+                for i, a, c in zip(idx_, lw.tolist(), ll.tolist()):
+                    got[i] = (a, c)
+            idxs, batches = [], []
         loop.engine.train()
         parts = [got]
         if dist.is_initialized() and loop.dp > 1:
@@ -159,18 +174,32 @@ class DPOObjective(Objective):
         self._aux = (out.loss, out.aux_loss)  # the balance term (with gradient), its value
         return lp[:P], lp[P:]
 
+    def _logps_of(self, out, batch):
+        """(chosen, rejected) sequence log-probs from one forward's output (a pipeline's last stage)."""
+        lw, ll = self._seq_logps(None, batch, out)
+        return lw.detach().cpu(), ll.detach().cpu()
+
     def model_call(self, batch, denom=None):
         return (batch["tokens"], batch["labels"]), {"token_losses": True}
+
+    def attach(self, loop, batches):
+        """Under pipeline parallelism the resident reference runs as a pipeline of its own, before
+        the policy's: its log-probs ride in each micro-batch as `ref`, like precomputed ones."""
+        if self.ref_pipeline is None:
+            return batches
+        with torch.no_grad():
+            refs, _ = self.ref_pipeline.run(batches, None, train=False, collect=self._logps_of)
+        return [{**b, "ref": torch.stack([w, l], dim=1).to(loop.device)} for b, (w, l) in zip(batches, refs)]
 
     def _pair_losses(self, engine, batch, out=None):
         d = self.cfg.dpo
         pi_w, pi_l = self._seq_logps(engine, batch, out)
         aux = self._aux
-        if self.ref_model is not None:
+        if "ref" in batch:  # precomputed, or the resident reference's pipeline (attach)
+            ref_w, ref_l = batch["ref"][:, 0].to(pi_w.dtype), batch["ref"][:, 1].to(pi_w.dtype)
+        else:
             with torch.no_grad():
                 ref_w, ref_l = self._seq_logps(self.ref_model, batch)
-        else:
-            ref_w, ref_l = batch["ref"][:, 0].to(pi_w.dtype), batch["ref"][:, 1].to(pi_w.dtype)
         P = pi_w.shape[0]
         lengths = (batch["labels"] != -100).sum(-1).to(pi_w.dtype)
         loss, rw, rl = dpo_loss(pi_w, pi_l, ref_w, ref_l, d.beta, d.loss_type, lengths[:P], lengths[P:])
