@@ -553,11 +553,15 @@ def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool, check_f
     for name in reader.names():
         e = by_hf.get(name)
         if e is not None:
+            if e.md not in targets:  # another pipeline stage's tensor: not read
+                continue
             put(e.md, _convert(reader.get(name), e.kind, cfg, interleaved, True), e.expert, name)
             continue
         fused = _FUSED.match(name)
         if fused and fused.group("p") + "mlp." in md_prefix:
             g = md_prefix[fused.group("p") + "mlp."]
+            if g + "experts.w1" not in targets:
+                continue
             t = reader.get(name)
             if fused.group("w") == "gate_up_proj":
                 I = cfg.moe_intermediate_size
@@ -578,9 +582,9 @@ def _fill(model, cfg: ModelConfig, reader: _HFReader, interleaved: bool, check_f
         raise CheckpointError(f"{reader.path}: unexpected tensor {name!r} (not part of the model that "
                               f"config.json describes)")
     for e in entries:
-        if (e.md, e.expert) not in filled:
+        if (e.md, e.expert) not in filled and e.md in targets:
             raise CheckpointError(f"{reader.path}: missing tensor {e.hf!r}")
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and getattr(model, "head", None) is not None and getattr(model, "embed", None) is not None:
         model.head.weight = model.embed.weight
 
 

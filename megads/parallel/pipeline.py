@@ -196,7 +196,7 @@ class Pipeline:
         self.stages = self.schedule = None
         self.training = True
         self.calls: list = []
-        self.last_idle = float("nan")
+        self.last_busy = self.last_wall = float("nan")  # compute seconds and wall seconds of the last run
 
     def _build(self, batch: dict) -> None:
         """The stages and the schedule, with static shapes from the first micro-batch (torch's
@@ -281,7 +281,7 @@ class Pipeline:
             with torch.no_grad():
                 self.schedule.eval(*args, target=target, mb=mb, return_outputs=False)
         wall = time.perf_counter() - t0
-        self.last_idle = max(0.0, 1.0 - sum(s.busy for s in self.stages) / max(wall, 1e-12))
+        self.last_busy, self.last_wall = sum(s.busy for s in self.stages), wall
         if self.plan.last and self._seen != self.n_micro:
             raise RuntimeError(f"pipeline: the last stage saw {self._seen} of {self.n_micro} micro-batches")
         if not train:  # the last stage's results on every pipeline rank
@@ -343,6 +343,13 @@ class Pipeline:
         if w.grad is None:
             w.grad = torch.zeros_like(w)
         dist.all_reduce(w.grad, group=self.ps.group("embed"))
+
+    def idle_fractions(self) -> list[float]:
+        """Collective over the pipeline group: each pipeline rank's idle (bubble) fraction of the
+        last training run, 1 - its compute time / the slowest rank's wall time (the step's)."""
+        got = self.gather_objects((self.last_busy, self.last_wall))
+        wall = max(w for _, w in got)
+        return [max(0.0, 1.0 - b / max(wall, 1e-12)) for b, _ in got]
 
     def gather_objects(self, obj) -> list:
         """Collective over the pipeline group: every pipeline rank's `obj`, by pipeline rank."""

@@ -332,7 +332,7 @@ class Trainer:
             rec.update(self.objective.step_metrics(tokens.cpu(), tokens_per_step))  # (may override tokens_per_s)
             rec.update(self._dispatch_stats())
             if self.pipeline is not None:
-                idle = self.pipeline.gather_objects(self.pipeline.last_idle)
+                idle = self.pipeline.idle_fractions()
                 rec["pp_idle"] = max(idle)
                 rec.update({f"pp_idle/rank{r}": v for r, v in enumerate(idle)})
             if skipped:

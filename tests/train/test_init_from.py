@@ -26,11 +26,12 @@ def test_init_from_megads_and_hf_dirs(corpus, reference, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a = step_losses(tmp_path / "a")
     assert a[1] < ref_losses[1] - 0.5  # it starts from the trained weights, not a fresh init
-    r = _two_ranks(train_args(corpus, tmp_path / "tp", steps=2, extra=[*extra, "parallel.tp=2"]))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    tp = step_losses(tmp_path / "tp")
-    for s in a:
-        assert tp[s] == pytest.approx(a[s], rel=1e-5), (a, tp)
+    for name, layout in (("tp", "parallel.tp=2"), ("pp", "parallel.pp=2")):  # final/ read slice by slice
+        r = _two_ranks(train_args(corpus, tmp_path / name, steps=2, extra=[*extra, layout]))
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        got = step_losses(tmp_path / name)
+        for s in a:
+            assert got[s] == pytest.approx(a[s], rel=1e-5), (name, a, got)
     r = megads("convert", "megads-to-hf", str(final), str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr[-2000:]
     r = megads(*train_args(corpus, tmp_path / "b", steps=2, extra=[f"train.init_from={tmp_path / 'hf'}",
@@ -38,7 +39,8 @@ def test_init_from_megads_and_hf_dirs(corpus, reference, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert step_losses(tmp_path / "b")[1] == pytest.approx(a[1], rel=1e-5)
     # the HF directory read tensor by tensor into TP and EP shards (each rank keeps its experts)
-    for name, layout in (("hf_tp", "parallel.tp=2"), ("hf_ep", "parallel.ep=2")):
+    # and into pipeline stages (each rank reads only its stage's tensors)
+    for name, layout in (("hf_tp", "parallel.tp=2"), ("hf_ep", "parallel.ep=2"), ("hf_pp", "parallel.pp=2")):
         r = _two_ranks(train_args(corpus, tmp_path / name, steps=2, extra=[f"train.init_from={tmp_path / 'hf'}",
                                                                           "train.save_interval=100", layout]))
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
