@@ -58,7 +58,7 @@ def one(preset: str, reps: int, tmp: Path) -> dict:
     data = (Synthetic(8, 64, cfg.model.vocab_size, 1), None, None)
     tr = Trainer(cfg, resume="none", datasets=data)
     tr.train()  # one step (and its end-of-run save): optimizer moments exist
-    tr._async_group = torch.distributed.new_group(backend="gloo")
+    tr.saver.group = torch.distributed.new_group(backend="gloo")  # as train.async_save sets up
     times = {k: [] for k in ("DeepSpeed save_checkpoint", "megads save, sync", "megads async: training waits",
                              "megads async: until complete", "resume load (verify + DCP read)")}
     for r in range(reps):
@@ -80,7 +80,7 @@ def one(preset: str, reps: int, tmp: Path) -> dict:
         assert apath is not None and (apath / "COMPLETE").is_file()
         t0 = time.perf_counter()
         store.read_trainer_state(path)
-        store.load_checkpoint(path, tr.model, tr.optimizer, tr._ds_optimizer(), tr.ps, same_layout=True)
+        store.load_checkpoint(path, tr.model, tr.optimizer, tr.saver.ds_optimizer(), tr.ps, same_layout=True)
         times["resume load (verify + DCP read)"].append(time.perf_counter() - t0)
     n = sum(p.numel() for p in tr.model.parameters())
     return {"preset": preset, "params": n, "bytes": size, "plain_bytes": plain,

@@ -331,6 +331,33 @@ class Pipeline:
                         dist.send(h.contiguous(), peer(on(s + 1)), group=self.group)
                         dist.send(aux.contiguous(), peer(on(s + 1)), group=self.group)
 
+    def train_step(self, batches: list[dict], denom, engine):
+        """One optimizer step: torch's schedule runs the micro-batches' forward and backward, the
+        tied embedding's gradients are summed, then the DeepSpeed `engine` reduces over DP (ZeRO-1:
+        its partitioned reduction, the path of its own pipeline engine) and steps. Returns (metric
+        sums over micro-batches as an array, this rank's expert counts)."""
+        sums, counts = self.run(batches, denom)
+        self.reduce_tied_grads()
+        engine.pipeline_parallelism = True  # backward ran outside DeepSpeed: ZeRO-1 makes its own buffers
+        try:
+            engine.allreduce_gradients()
+        finally:
+            engine.pipeline_parallelism = False
+        engine.step()
+        return sums.numpy(), counts
+
+    def expert_view(self, counts):
+        """Collective over the pipeline group: (counts [L, E] of every stage's MoE layers in model
+        order, their router biases), for the logs."""
+        mine = self.model.moe_layers()
+        rows = [] if counts is None else [
+            (i, counts[j].cpu(), None if m.gate.bias is None else m.gate.bias.detach().cpu())
+            for j, (i, m) in enumerate(zip(self.model.moe_layer_ids(), mine))]
+        allrows = sorted((r for part in self.gather_objects(rows) for r in part), key=lambda r: r[0])
+        if not allrows:
+            return None, []
+        return torch.stack([r[1] for r in allrows]), [r[2] for r in allrows if r[2] is not None]
+
     def _moe_blocks(self):
         blocks = list(self.model.layers) + [m.block for m in self.model.mtp]
         return [b for b in blocks if b.is_moe]

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from megads.sweep.fit import fit_sweep
+from megads.sweep.fit import fit_sweep, json_safe
 from megads.sweep.results import point_row, write_csv
 from megads.sweep.runner import read_record
 
@@ -23,7 +23,7 @@ def collect_sweep(sw, say=print) -> dict:
     out = sw.output_dir
     write_csv(rows, out / "results.csv")
     fit = fit_sweep(rows, sw.fit)
-    (out / "fit.json").write_text(json.dumps(fit, indent=1, default=float) + "\n")
+    (out / "fit.json").write_text(json.dumps(json_safe(fit), indent=1, default=float, allow_nan=False) + "\n")
     table = summary_table(rows, sw.table.get("baseline"))
     (out / "summary.md").write_text(table + "\n")
     done = sum(r["status"] == "done" for r in rows)
@@ -31,7 +31,9 @@ def collect_sweep(sw, say=print) -> dict:
     say(table)
     lc = fit["loss_vs_compute"]
     if lc.get("ok"):
-        say(f"fit: L(C) = {lc['a']:.4g} * C^-{lc['alpha']:.4f} + {lc['l_inf']:.4f} (r2 {lc['r2']:.3f})")
+        say(f"fit: L(C) = {lc['a']:.4g} * C^-{lc['alpha']:.4f} + {lc['l_inf']:.4f} (r2 {lc['r2']:.3f}, "
+            f"{len(lc['groups'])} points: {lc['points']})"
+            + ("; L_inf is at a bound of the fit: the points do not pin it down" if lc["l_inf_at_bound"] else ""))
     else:
         say(f"loss-vs-compute fit: {lc.get('reason')}")
     if fit["compute_optimal"].get("ok"):

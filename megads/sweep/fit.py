@@ -69,7 +69,9 @@ def fit_loss_vs_compute(C, L, sigma=None) -> dict:
     return {"ok": True, "law": "L(C) = a * C^-alpha + L_inf", "a": float(a), "alpha": float(alpha),
             "l_inf": float(l_inf), "stderr": {"a": a_err, "alpha": float(err[1]), "l_inf": float(err[2])},
             "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"), "n": int(len(C)),
-            "weighted_by_seed_std": sig is not None, "l_inf_at_bound": bool(l_inf >= hi_inf * (1 - 1e-6))}
+            "weighted_by_seed_std": sig is not None,
+            # L_inf pinned at 0 or at the lowest loss: the points do not determine it (nor a, alpha well)
+            "l_inf_at_bound": bool(l_inf >= hi_inf * (1 - 1e-6) or l_inf <= 1e-6 * hi_inf)}
 
 
 def chinchilla(N, D, E, A, alpha, B, beta):
@@ -152,9 +154,15 @@ def fit_sweep(rows: list[dict], fit_cfg: dict | None = None) -> dict:
     done = [r for r in rows if r.get("status") == "done" and math.isfinite(r.get(key, float("nan")))]
     seeds = sorted({r.get("seed") for r in done if r.get("seed") is not None})
     out = {"points": len(done), "groups": len(means), "seeds": seeds, "loss": key, "params": params_key}
-    sigma = [m["std"] for m in means] if means and all(m["n_seeds"] > 1 for m in means) else None
-    lc = fit_loss_vs_compute([m["flops"] for m in means], [m[key] for m in means], sigma)
-    lc["per_seed"] = _per_seed(done, seeds, lambda rs: fit_loss_vs_compute([r["flops"] for r in rs], [r[key] for r in rs]),
+    front = frontier(means, key)
+    use = front if len(front) >= 3 else means
+    sigma = [m["std"] for m in use] if use and all(m["n_seeds"] > 1 for m in use) else None
+    lc = fit_loss_vs_compute([m["flops"] for m in use], [m[key] for m in use], sigma)
+    lc["points"] = "compute frontier" if use is front and len(front) < len(means) else "all"
+    lc["groups"] = [m["group"] for m in use]
+    names = set(lc["groups"])
+    lc["per_seed"] = _per_seed([r for r in done if r["group"] in names], seeds,
+                               lambda rs: fit_loss_vs_compute([r["flops"] for r in rs], [r[key] for r in rs]),
                                ("a", "alpha", "l_inf"))
     out["loss_vs_compute"] = lc
     ch = fit_chinchilla([m[params_key] for m in means], [m["tokens"] for m in means], [m[key] for m in means])
@@ -166,6 +174,28 @@ def fit_sweep(rows: list[dict], fit_cfg: dict | None = None) -> dict:
                                    ("alpha", "beta", "E", "a", "b"))
     out["compute_optimal"] = ch
     return out
+
+
+def frontier(points: list[dict], key: str) -> list[dict]:
+    """The compute-efficient points: those no point of less or equal compute beats (the lower
+    envelope Kaplan et al. and Hoffmann et al. fit L(C) to; a grid of sizes x budgets puts
+    several allocations at each compute, and only the best of them traces the law)."""
+    out = []
+    for m in sorted(points, key=lambda m: (m["flops"], m[key])):
+        if not out or m[key] < out[-1][key]:
+            out.append(m)
+    return out
+
+
+def json_safe(x):
+    """NaN and infinities as null (JSON has no NaN), recursively."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def _per_seed(rows, seeds, fit_fn, keys) -> dict:

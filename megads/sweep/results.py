@@ -104,7 +104,7 @@ def point_row(sw, p, record: dict) -> dict:
         "final_valid_loss": losses[-1] if losses else float("nan"),
         "final_mtp_loss": _mean(r.get("mtp_loss") for r in last) if m.mtp_depth else float("nan"),
         "tokens_per_s": _median(r.get("tokens_per_s") for r in settled),
-        "mfu": _median(r.get("mfu") for r in settled) * (f_main + f_mtp) / f_main,
+        "mfu": _median(r.get("mfu") for r in settled),  # (the trainer counts the MTP modules' FLOPs)
         "expert_load_max_over_mean": _mean(r.get("expert_load_max_over_mean") for r in quarter),
         "train_s": float(sum(r.get("step_time_s", 0.0) for r in steps)),
     })

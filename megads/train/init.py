@@ -90,7 +90,7 @@ def slicer(model, ps):
 
 # model.* fields that shape training, not the weights: a stage started with init_from may change them
 # (DeepSeek-V3 set the bias update speed to 0 for its last 500B tokens)
-TRAINING_ONLY = ("init_std", "bias_update_speed", "seq_aux_alpha", "mtp_lambda", "cache_dtype")
+TRAINING_ONLY = ("init_std", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mtp_lambda", "cache_dtype")
 
 
 def check_same_shapes(cfg_model, loaded, path: str) -> None:

@@ -29,13 +29,14 @@ from megads.checkpoint import store as ckpt
 from megads.config import Config
 from megads.errors import ConfigError, MegadsError
 from megads.model import Transformer
-from megads.model.info import flops_per_token
+from megads.model.info import flops_per_token, mtp_flops_per_token
 from megads.parallel import state as pstate
 from megads.runtime import rundir
 from megads.runtime.signals import GracefulStop
 from megads.train.dsconfig import deepspeed_config
 from megads.train.metrics import Metrics, measure_peak_flops
 from megads.train.resume import plan_run
+from megads.train.saving import Saver
 from megads.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,9 @@ class Trainer:
         self.step = 0
         self.bad_total = 0
         self.history: list[dict] = []  # every step's record (all ranks), for tests and tools
-        self._pending = None  # an asynchronous checkpoint save in flight
-        self._async_group = dist.new_group(backend="gloo") if t.async_save and dist.is_initialized() else None
+        self.saver = Saver(self)
         if resume_path is not None:
-            t0 = time.perf_counter()
-            extra = ckpt.load_checkpoint(resume_path, self.model, self.optimizer, self._ds_optimizer(), self.ps,
-                                         self._same_layout)
-            self.load_seconds = time.perf_counter() - t0
-            self.objective.restore_extra(extra)
+            self.objective.restore_extra(self.saver.load(resume_path, self._same_layout))
             self.step, self.bad_total = state["step"], state.get("bad_steps_total", 0)
             self.engine.global_steps = self.step
             self.engine.global_samples = self.step * t.global_batch_size
@@ -162,7 +158,8 @@ class Trainer:
             self.metrics.write(f"resumed from {resume_path} at step {self.step} (run {self.run_id} continues)")
         else:
             self.metrics.write(f"run {self.run_id}: fresh start in {t.output_dir}")
-        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        # MFU counts every matmul of the step: the main model's and the MTP modules'
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len) + mtp_flops_per_token(cfg.model, t.seq_len)
         self.peak = measure_peak_flops() if self.rank == 0 else 1.0
 
     # ------------------------------------------------------------------ setup helpers
@@ -310,7 +307,7 @@ class Trainer:
             tokens = self._global_token_counts(batches)
             denom = (tokens / (self.dp * self.gas)).float()  # each micro-batch's share of the global mean
             if self.pipeline is not None:
-                sums, counts = self._pipeline_step(batches, denom)
+                sums, counts = self.pipeline.train_step(batches, denom, self.engine)
             for batch in batches if self.pipeline is None else ():
                 loss, mets = self._micro_loss(batch, denom)
                 self.engine.backward(loss)
@@ -347,7 +344,7 @@ class Trainer:
                         counts = self._global_counts(counts)
                         self.model.update_router_biases(counts)
                     if self.pipeline is not None:  # every stage's layers, for the logs
-                        counts, biases = self._pipeline_expert_view(counts)
+                        counts, biases = self.pipeline.expert_view(counts)
                     else:
                         biases = [m.gate.bias for m in self.model.moe_layers() if m.gate.bias is not None]
                     if counts is not None:
@@ -361,8 +358,10 @@ class Trainer:
                                    f"{t.max_bad_steps}); the last good state is saved in {path}")
                 self.metrics.close()
                 return EXIT_BAD_STEPS
-            if counts is not None and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
-                self.metrics.log_expert_heatmap(self.step, counts.cpu().numpy())
+            if counts is not None and (self.step % t.log_interval == 0 or self.step == t.max_steps):
+                # the loads for `megads plot` every log step; the TensorBoard image at evaluations
+                image = self.step % t.eval_interval == 0 or self.step == t.max_steps
+                self.metrics.log_expert_heatmap(self.step, counts.cpu().numpy(), image=image)
             if (self.step % t.eval_interval == 0 or self.step == t.max_steps) and self.valid_ds is not None:
                 if self.objective.evaluate is not None:
                     self.metrics.log_eval_metrics(self.step, self.objective.evaluate(self))
@@ -415,33 +414,6 @@ class Trainer:
                 "a2a_internode_bytes_per_token": st["bytes_sent_internode"] / tokens,
                 "a2a_internode_dedup_bytes_per_token": st["bytes_internode_dedup"] / tokens}
 
-    def _pipeline_step(self, batches: list[dict], denom: torch.Tensor):
-        """One optimizer step under pipeline parallelism: torch's schedule runs the micro-batches'
-        forward and backward, then the tied embedding's gradients are summed, DeepSpeed reduces
-        over DP (ZeRO-1: its partitioned reduction, the path of its own pipeline engine) and steps.
-        Returns (metric sums over micro-batches as an array, this rank's expert counts)."""
-        sums, counts = self.pipeline.run(batches, denom)
-        self.pipeline.reduce_tied_grads()
-        eng = self.engine
-        eng.pipeline_parallelism = True  # backward ran outside DeepSpeed: ZeRO-1 makes its own buffers
-        try:
-            eng.allreduce_gradients()
-        finally:
-            eng.pipeline_parallelism = False
-        eng.step()
-        return sums.numpy(), counts
-
-    def _pipeline_expert_view(self, counts):
-        """Collective over the pipeline group: (counts [L, E] of every stage's MoE layers in model
-        order, their router biases), for the logs."""
-        mine = self.model.moe_layers()
-        rows = [] if counts is None else [(i, counts[j].cpu(), None if m.gate.bias is None else m.gate.bias.detach().cpu())
-                                          for j, (i, m) in enumerate(zip(self.model.moe_layer_ids(), mine))]
-        allrows = sorted((r for part in self.pipeline.gather_objects(rows) for r in part), key=lambda r: r[0])
-        if not allrows:
-            return None, []
-        return torch.stack([r[1] for r in allrows]), [r[2] for r in allrows if r[2] is not None]
-
     def _expert_stats(self, counts: torch.Tensor, biases) -> dict:
         c = counts.float()
         rel = c.max(dim=1).values / c.mean(dim=1).clamp_min(1e-9)  # per-layer max/mean load
@@ -474,56 +446,11 @@ class Trainer:
         self.engine.train()
         return self._mean_over_dp([total / max(1, t.eval_iters * self.gas)])[0]
 
-    def _ds_optimizer(self):
-        """DeepSpeed's optimizer when it keeps the fp32 master and moments in flat partitions
-        (ZeRO-1/2, bf16), else None (the guarded AdamW holds them per parameter)."""
-        if any(hasattr(p, "_hp_mapping") for p in self.model.parameters()):
-            return self.engine.optimizer
-        return None
-
     def _save(self, wait: bool = False) -> Path:
-        """Collective: a checkpoint of this step (see megads.checkpoint). With train.async_save the
-        files are written in the background and the checkpoint completes at the next save, at the
-        end of the run or on a signal (`wait`: complete it now)."""
-        from megads.checkpoint import sharded
-
-        self._finish_pending()
-        t = self.cfg.train
-        extra = self.objective.checkpoint_extra()
-        state = {"step": self.step, "bad_steps_total": self.bad_total, "run_id": self.run_id,
-                 "consumed_samples": self.step * t.global_batch_size, "lr": lr_at(self.step, t),
-                 "layout": dict(vars(self.ps.layout)), "config": self.cfg.to_dict(), "format": ckpt.FORMAT,
-                 "has_extra": any(self._all_ranks(extra is not None))}
-        if self.stop is not None:
-            self.stop.saving = True  # (only the wording of a second signal's abort line)
-        try:
-            t0 = time.perf_counter()
-            shards = sharded.state_for_save(self.model, self.optimizer, self._ds_optimizer(), self.ps,
-                                            {"rng": ckpt.rng_state(), "extra": extra})
-            out = ckpt.save_checkpoint(shards, t.output_dir, self.step, state, t.keep_last,
-                                       async_group=None if wait else self._async_group)
-            self.save_seconds = time.perf_counter() - t0  # what training waited for
-            if isinstance(out, ckpt.PendingSave):
-                self._pending = out
-                return out.final
-            return out
-        finally:
-            if self.stop is not None:
-                self.stop.saving = False
+        return self.saver.save(wait)
 
     def _finish_pending(self) -> Path | None:
-        """Collective: complete the asynchronous save in flight, if any."""
-        if self._pending is None:
-            return None
-        pending, self._pending = self._pending, None
-        return ckpt.finish_save(pending)
-
-    def _all_ranks(self, flag: bool) -> list[bool]:
-        if not dist.is_initialized() or self.world == 1:
-            return [flag]
-        out = [None] * self.world
-        dist.all_gather_object(out, flag)
-        return out
+        return self.saver.finish()
 
     def _finish(self) -> None:
         """Write the final model in megads format and print a few generated samples (rank 0)."""

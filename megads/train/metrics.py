@@ -116,13 +116,13 @@ class Metrics:
                 log.warning("metrics.jsonl: write failed (%s); metrics of this run may be incomplete", e.strerror)
             self._write_failed = True
 
-    def log_expert_heatmap(self, step: int, load: np.ndarray) -> None:
-        """The step's tokens per expert [L_moe, E]: a TensorBoard image, and a metrics.jsonl record
-        {"step", "expert_load"} that `megads plot` draws its per-layer heatmaps from."""
+    def log_expert_heatmap(self, step: int, load: np.ndarray, image: bool = True) -> None:
+        """The step's tokens per expert [L_moe, E]: a metrics.jsonl record {"step", "expert_load"}
+        that `megads plot` draws its per-layer heatmaps from, and (`image`) a TensorBoard image."""
         if not self.enabled:
             return
         self._append({"step": step, "expert_load": np.asarray(load).round(3).tolist()})
-        if self.writer is not None:
+        if self.writer is not None and image:
             self.writer.add_image("experts/load", heatmap_image(load), step)
 
     def write(self, msg: str) -> None:

@@ -30,13 +30,18 @@ def _port():
         return s.getsockname()[1]
 
 
+def rank_env(r: int, world: int, port: int) -> dict:
+    """The environment of rank r of a local gloo job (one thread per rank)."""
+    return dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
 def run_layout(world, tp, ep, zero, out: Path, extra=(), threads=1, resume=False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     port = _port()
     procs = []
     for r in range(world):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        env = rank_env(r, world, port)
         log = open(out / f"log{r}", "w")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), "--tp", str(tp), "--ep", str(ep),
                                        "--zero", str(zero), "--out", str(out), "--threads", str(threads)]
@@ -128,10 +133,15 @@ def teacher(tmp_path_factory):
 # whole global batch (its per-batch mean is the true global mean); the layouts run 2 sequences a
 # micro-batch with uneven loss tokens per rank, so only a global-token mean matches.
 STAGES = {
-    # packed rows, uneven masks, per-document attention, + MTP
-    "sft": (["train.stage=sft", "model.mtp_depth=1"], 1e-5),
+    # packed rows, uneven masks, per-document attention, + MTP. lr 0.003 as DPO's: at 0.01 one
+    # element of the MTP projection whose gradient sits at the rounding floor moved 2.1e-4 apart
+    # under TP2 (AdamW's m/sqrt(v) turns reduction-order rounding into a full step; the gap scales
+    # with lr: 6.4e-5 at 0.003, 4e-6 at eps 1e-6).
+    "sft": (["train.stage=sft", "model.mtp_depth=1", "train.lr=0.003"], 1e-5),
     # chosen and rejected in one forward, the precomputed reference's first pass in each layout
     "dpo": (["train.stage=dpo", "dpo.beta=0.5", "train.lr=0.003"], 1e-5),
+    # the resident reference (a frozen copy; under PP a pipeline of its own, run before the policy's)
+    "dpo_resident": (["train.stage=dpo", "dpo.beta=0.5", "train.lr=0.003", "dpo.reference=resident"], 1e-5),
     # logit KD, vocab-parallel under TP, the teacher in the same layout; its gradients are small,
     # so clipping is set lower to act here too. The KL of two close distributions is a difference
     # of near-equal float32 sums: its gradient norm agrees to ~5e-5 across reduction orders
@@ -154,8 +164,10 @@ STAGES = {
 }
 STAGE_LAYOUTS = {"tp2": (2, 2, 1, 0), "ep2": (2, 1, 2, 0), "dp2_zero1": (2, 1, 1, 1), "dp2_zero2": (2, 1, 1, 2),
                  "tp2_ep2": (4, 2, 2, 0), "pp2": (2, 1, 1, 0, [PP]), "pp2_ep2_zero1": (4, 1, 2, 1, [PP])}
-# GRPO's rollouts under pipeline parallelism are refused (tests/test_config.py checks the message)
-STAGE_CASES = [(s, lay) for s in STAGES for lay in STAGE_LAYOUTS if not (s == "grpo" and lay.startswith("pp"))]
+# GRPO's rollouts under pipeline parallelism are refused (tests/parallel/test_pipeline_plan.py checks
+# the message); the resident DPO reference is run where it has its own code path (PP)
+STAGE_CASES = [(s, lay) for s in STAGES for lay in STAGE_LAYOUTS
+               if not (s == "grpo" and lay.startswith("pp")) and (s != "dpo_resident" or lay == "pp2")]
 _singles: dict = {}
 
 

@@ -1,8 +1,6 @@
 """Built shard by shard: every rank allocates only its part (its pipeline stages, TP slices and
 routed experts) on the meta device and fills it with the layout-independent seeded init; each
 tensor must equal, bit for bit, the same slice of the single-process initialisation."""
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +11,8 @@ import torch
 from megads.config import load_config
 from megads.model.init import normal_slice, seeded_init_
 from megads.parallel import state as pstate
+from test_equivalence import ROOT, _port, rank_env
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("build_worker.py")
 TINY = ["model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=128",
         "model.moe_intermediate_size=32", "model.num_layers=4", "model.first_k_dense=1", "model.num_heads=4",
@@ -22,12 +20,6 @@ TINY = ["model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size
         "model.v_head_dim=16", "model.n_routed_experts=8", "model.num_experts_per_tok=2", "model.n_group=2",
         "model.topk_group=1", "model.n_shared_experts=1", "model.max_seq_len=64", "train.seq_len=16",
         "train.seed=5"]
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full(sets):
@@ -42,9 +34,7 @@ def _run(world, sets, out: Path) -> list[dict]:
     port = _port()
     procs = []
     for r in range(world):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out)] + TINY + sets, env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out)] + TINY + sets, env=rank_env(r, world, port),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT)))
     for p in procs:
         text = p.communicate(timeout=120)[0].decode(errors="replace")

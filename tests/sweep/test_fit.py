@@ -85,3 +85,29 @@ def test_fit_sweep_averages_seeds_and_reports_their_spread():
     assert len(per["values"]) == 3 and per["std"] > 0 and math.isfinite(per["mean"])
     assert abs(per["mean"] - LAW["alpha"]) < 0.1 * LAW["alpha"]
     assert fit["compute_optimal"]["ok"] is False  # one model size only
+
+
+def test_loss_vs_compute_is_fitted_on_the_compute_frontier():
+    """A grid of sizes x budgets: at each compute several allocations; the law is traced by the
+    best of them (the lower envelope), not by the mean of good and bad allocations."""
+    rows = []
+    for i, C in enumerate(np.logspace(12, 16, 5)):
+        best = float(power_law(C, **LAW))
+        for j, penalty in enumerate((0.0, 0.3, 0.8)):  # the compute-optimal size and two worse ones
+            rows.append({"group": f"c{i}-n{j}", "seed": 1, "status": "done", "flops": C * (1 + 0.01 * j),
+                         "tokens": C / 6e6, "active_params": 1e6 * (j + 1), "final_valid_loss": best + penalty})
+    lc = fit_sweep(rows)["loss_vs_compute"]
+    assert lc["ok"] and lc["points"] == "compute frontier" and lc["groups"] == [f"c{i}-n0" for i in range(5)]
+    for k in LAW:
+        assert lc[k] == pytest.approx(LAW[k], rel=1e-3)
+
+
+def test_fit_json_has_no_nan():
+    import json
+
+    from megads.sweep.fit import json_safe
+
+    fit = fit_sweep([{"group": "g", "seed": 1, "status": "done", "flops": 1e12, "tokens": 1e6, "active_params": 1e6,
+                      "final_valid_loss": 3.0}])
+    text = json.dumps(json_safe(fit), allow_nan=False)  # raises on a NaN
+    assert "NaN" not in text and json.loads(text)["loss_vs_compute"]["ok"] is False

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import megads
-
 from megads.cli import main
 
 
@@ -25,13 +23,6 @@ def test_generate_from_any_step_checkpoint_and_the_run_dir(reference, capsys):
     assert generate(capsys, "--checkpoint", str(out)) == final  # a run dir means its final/
     early = generate(capsys, "--checkpoint", str(out / "checkpoints" / "step-4"))
     assert early.count("--- prompt") == 2  # an earlier step loads too (its own weights)
-
-
-def test_a_real_process_generates_from_a_step_checkpoint_quietly(reference):
-    out, _, _ = reference
-    r = megads("generate", "--checkpoint", str(out / "checkpoints" / "step-2"), "--prompt", "def", timeout=300)
-    assert r.returncode == 0 and "--- prompt 0: 'def'" in r.stdout, r.stderr[-3000:]
-    assert r.stderr.strip() == "", r.stderr  # no start-up chatter, no warning
 
 
 def test_a_prompt_longer_than_the_models_positions_is_refused(reference, capsys):

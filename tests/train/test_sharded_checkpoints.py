@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import step_losses, train_args
-from test_runs_safe import TWO, assert_same_losses, copy_run, reference2, run  # noqa: F401 (fixture)
+from test_runs_safe import assert_same_losses, copy_run, reference2, run  # noqa: F401 (fixture)
 
 
 def test_two_rank_zero1_checkpoint_resumes_in_one_process(corpus, reference2, tmp_path):  # noqa: F811

@@ -51,7 +51,7 @@ class PretrainObjective(LMObjective):
             raise ConfigError("data.paths: no training data (give indexed-dataset prefixes or data.builtin_corpus: true)")
         evals = t.max_steps // t.eval_interval + 1
         return build_datasets(cfg.data, t.seq_len, t.seed, t.max_steps * t.global_batch_size,
-                              max(1, t.eval_iters * t.micro_batch_size * loop.dp * evals))
+                              max(1, t.eval_iters * t.global_batch_size * evals))  # (see Trainer.evaluate)
 
     def collate(self, rows, device):
         t = torch.from_numpy(np.stack([r["tokens"] for r in rows]).astype(np.int64)).to(device)
