@@ -133,6 +133,7 @@ class Trainer:
         self.step = 0
         self.bad_total = 0
         self.history: list[dict] = []  # every step's record (all ranks), for tests and tools
+        self.last_valid: float | None = None  # the last validation loss
         self.saver = Saver(self)
         if resume_path is not None:
             self.objective.restore_extra(self.saver.load(resume_path, self._same_layout))
@@ -366,7 +367,8 @@ class Trainer:
                 if self.objective.evaluate is not None:
                     self.metrics.log_eval_metrics(self.step, self.objective.evaluate(self))
                 else:
-                    self.metrics.log_eval(self.step, self.evaluate())
+                    self.last_valid = self.evaluate()
+                    self.metrics.log_eval(self.step, self.last_valid)
             if self.step % t.save_interval == 0 or self.step == t.max_steps:
                 last_saved = self._save()
             if self._stop_requested():

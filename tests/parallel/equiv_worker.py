@@ -156,7 +156,7 @@ def main():
     tr = Trainer(cfg, resume="auto" if a.resume else "none", datasets=data)
     loaded = tr.full_state() if a.resume else None  # what the checkpoint gave this layout
     tr.train()
-    valid = tr.evaluate() if t.stage != "grpo" else None
+    valid = tr.last_valid  # (the trainer evaluates at its last step)
     full = tr.full_state()
     if tr.rank == 0:
         torch.save({"losses": [r["loss"] for r in tr.history], "state": full, "valid": valid, "loaded": loaded,

@@ -2,9 +2,10 @@
 
 Pre-training for TP2, EP2, DP2 with ZeRO-1, DP2 with ZeRO-2, TP2xEP2 (4 ranks), EP2xDP2 with
 ZeRO-1 (4 ranks), and TP2 with sequence parallelism (alone and with EP2, ZeRO-1); pipeline stages
-(PP2 alone, with EP2, TP2, TP2+SP, DP2 ZeRO-1; interleaved PP2xVPP2, ZBV and DualPipeV; MTP on the
-last stage; a stage of only dense blocks; uneven pp_layers); SFT (packed), DPO and logit
-distillation for TP2, EP2, DP2 ZeRO-1/2, TP2xEP2, PP2 and PP2xEP2 ZeRO-1 (GRPO without PP). The
+(PP2 with a stage of only the dense block, PP2xEP2 with DP2 ZeRO-1, PP2xTP2 with SP; interleaved
+PP2xVPP2, ZBV and DualPipeV; uneven pp_layers with MTP on the last stage and EP2); SFT (packed),
+DPO and logit distillation for TP2, EP2, DP2 ZeRO-1/2, TP2xEP2 and PP2xEP2 ZeRO-1 (GRPO without
+PP), DPO's resident reference under PP2. The
 validation loss after the 3 steps is compared too. 3 optimizer steps from the
 same initial weights and data as one process, on gloo, through the real Trainer and DeepSpeed
 engine, with gradient clipping on (the norm is above the threshold at every step, so every step
@@ -81,16 +82,13 @@ LAYOUTS = {
     "tp2_sp": (2, 2, 1, 0, ["parallel.sequence_parallel=true"]),
     "tp2_sp_ep2_zero1": (4, 2, 2, 1, ["parallel.sequence_parallel=true"]),
     # pipeline stages (torch.distributed.pipelining), alone and with the rest
-    "pp2": (2, 1, 1, 0, [PP]),
-    "pp2_ep2": (4, 1, 2, 0, [PP]),
-    "pp2_tp2": (4, 2, 1, 0, [PP]),
+    "pp2_dense_stage": (2, 1, 1, 0, [PP, "parallel.pp_layers=[1,2]"]),  # stage 0: the dense block only
+    "pp2_ep2_dp2_zero1": (4, 1, 2, 1, [PP]),  # even split; experts over the stage's 2 DP ranks
     "pp2_tp2_sp": (4, 2, 1, 0, [PP, "parallel.sequence_parallel=true"]),
-    "pp2_dp2_zero1": (4, 1, 1, 1, [PP]),
     "pp2_vpp2_interleaved": (2, 1, 1, 0, [PP, FOUR, "parallel.pp_schedule=interleaved", "parallel.vpp=2"]),
     "pp2_zbv": (2, 1, 1, 0, [PP, FOUR, "parallel.pp_schedule=zbv", "parallel.vpp=2"]),
     "pp2_dualpipev": (2, 1, 1, 0, [PP, FOUR, "parallel.pp_schedule=dualpipev", "parallel.vpp=2"]),
-    "pp2_mtp": (2, 1, 1, 0, [PP, "model.mtp_depth=1"]),  # MTP on the last stage: the embedding tied across
-    "pp2_dense_stage": (2, 1, 1, 0, [PP, "parallel.pp_layers=[1,2]"]),  # stage 0: the dense block only
+    # uneven stages, MTP on the last stage (the embedding tied across the first and last), EP2
     "pp2_uneven_mtp_ep2": (4, 1, 2, 0, [PP, "parallel.pp_layers=[2,1]", "model.mtp_depth=1"]),
 }
 
@@ -164,10 +162,12 @@ STAGES = {
 }
 STAGE_LAYOUTS = {"tp2": (2, 2, 1, 0), "ep2": (2, 1, 2, 0), "dp2_zero1": (2, 1, 1, 1), "dp2_zero2": (2, 1, 1, 2),
                  "tp2_ep2": (4, 2, 2, 0), "pp2": (2, 1, 1, 0, [PP]), "pp2_ep2_zero1": (4, 1, 2, 1, [PP])}
+# under PP every stage runs PP2 x EP2 with DP2 ZeRO-1; the resident DPO reference (its own
+# pipeline) runs PP2 alone
 # GRPO's rollouts under pipeline parallelism are refused (tests/parallel/test_pipeline_plan.py checks
 # the message); the resident DPO reference is run where it has its own code path (PP)
 STAGE_CASES = [(s, lay) for s in STAGES for lay in STAGE_LAYOUTS
-               if not (s == "grpo" and lay.startswith("pp")) and (s != "dpo_resident" or lay == "pp2")]
+               if (s == "dpo_resident") == (lay == "pp2") and not (s == "grpo" and lay.startswith("pp"))]
 _singles: dict = {}
 
 

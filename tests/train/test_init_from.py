@@ -26,7 +26,7 @@ def test_init_from_megads_and_hf_dirs(corpus, reference, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a = step_losses(tmp_path / "a")
     assert a[1] < ref_losses[1] - 0.5  # it starts from the trained weights, not a fresh init
-    for name, layout in (("tp", "parallel.tp=2"), ("pp", "parallel.pp=2")):  # final/ read slice by slice
+    for name, layout in (("tp", "parallel.tp=2"),):  # final/ read slice by slice
         r = _two_ranks(train_args(corpus, tmp_path / name, steps=2, extra=[*extra, layout]))
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         got = step_losses(tmp_path / name)
