@@ -182,7 +182,8 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "auto"  # auto (bf16 mixed precision where this chip's bf16 matmul is measured faster) | fp32 | bf16
+    threads: int = 0  # CPU threads per rank; 0: OMP_NUM_THREADS or torch's own choice, cores / local ranks when several share a node
     seed: int = 1234
     output_dir: str = "runs/default"
     save_interval: int = 50
@@ -208,8 +209,10 @@ class TrainConfig:
                               "samples_at_end", "sample_tokens"])
         if self.stage not in STAGES:
             _bad(where, "stage", f"must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        if self.precision not in ("fp32", "bf16"):
-            _bad(where, "precision", f"must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            _bad(where, "precision", f"must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.threads < 0:
+            _bad(where, "threads", f"must be >= 0 (0 = automatic), got {self.threads}")
         if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
             _bad(where, "deepspeed_config", f"file not found: {self.deepspeed_config}")
 

@@ -9,8 +9,9 @@ from megads.config import Config
 from megads.errors import ConfigError
 
 
-def deepspeed_config(cfg: Config, dp: int) -> dict:
-    """The DeepSpeed JSON generated from the YAML (or the user's own, with our batch facts)."""
+def deepspeed_config(cfg: Config, dp: int, precision: str | None = None) -> dict:
+    """The DeepSpeed JSON generated from the YAML (or the user's own, with our batch facts).
+    precision: fp32 | bf16, what `train.precision` resolved to (megads.runtime.precision)."""
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
@@ -22,7 +23,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
         "gradient_accumulation_steps": gas,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": (precision or t.precision) == "bf16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

@@ -14,7 +14,6 @@ layout).
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import shutil
 import time
@@ -31,10 +30,10 @@ from megads.errors import ConfigError, MegadsError
 from megads.model import Transformer
 from megads.model.info import flops_per_token, mtp_flops_per_token
 from megads.parallel import state as pstate
-from megads.runtime import rundir
+from megads.runtime import hardware, precision, rundir
 from megads.runtime.signals import GracefulStop
 from megads.train.dsconfig import deepspeed_config
-from megads.train.metrics import Metrics, measure_peak_flops
+from megads.train.metrics import Metrics
 from megads.train.resume import plan_run
 from megads.train.saving import Saver
 from megads.train.optim import build_optimizer, lr_at
@@ -59,7 +58,9 @@ class Trainer:
         self.ps = pstate.initialize(p.tp, p.pp, p.ep)
         self.dp = self.ps.layout.dp
         self.dp_rank = self.ps.dp_rank
-        self.ds_config = deepspeed_config(cfg, self.dp)
+        self.device, self.threads = hardware.place(cfg.train.threads)
+        self.precision, self.peaks = precision.resolve(cfg.train.precision, self.device)  # collective
+        self.ds_config = deepspeed_config(cfg, self.dp, self.precision)
         self.stop = stop
         # before anything is built or written: the output dir's lock, what to resume, and whether
         # the checkpoint fits this config (all collective: every rank gets the same answer)
@@ -94,10 +95,6 @@ class Trainer:
             self.ds_config["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size * self.gas
             self.ds_config["gradient_accumulation_steps"] = 1
         t = cfg.train
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if not torch.cuda.is_available() and not os.environ.get("OMP_NUM_THREADS"):  # a set OMP_NUM_THREADS wins
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
         from megads.train import objectives
 
@@ -159,9 +156,10 @@ class Trainer:
             self.metrics.write(f"resumed from {resume_path} at step {self.step} (run {self.run_id} continues)")
         else:
             self.metrics.write(f"run {self.run_id}: fresh start in {t.output_dir}")
+        self.metrics.write(precision.describe(t.precision, self.precision, self.peaks, self.threads))
         # MFU counts every matmul of the step: the main model's and the MTP modules'
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len) + mtp_flops_per_token(cfg.model, t.seq_len)
-        self.peak = measure_peak_flops() if self.rank == 0 else 1.0
+        self.peak = self.peaks[self.precision]  # MFU: against the measured peak of the dtype in use
 
     # ------------------------------------------------------------------ setup helpers
     def _build_model(self) -> Transformer:
@@ -324,7 +322,7 @@ class Trainer:
                          else self.engine.get_global_grad_norm())
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             rec = {"step": step + 1, **means, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                   "mfu": self.flops_per_token * tokens_per_step / dt / (self.peak * self.world),
+                   "mfu": self.flops_per_token * tokens_per_step / dt / (self.peak * self.world), "peak_flops": self.peak,
                    "step_time_s": dt, "skipped": int(skipped), "bad_steps_total": self.bad_total + int(skipped),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             rec.update(self.objective.step_metrics(tokens.cpu(), tokens_per_step))  # (may override tokens_per_s)

@@ -8,31 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
-
-
-def measure_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """This machine's fp32 matmul rate (FLOP/s), the MFU denominator on CPU."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def heatmap_image(load: np.ndarray) -> np.ndarray:

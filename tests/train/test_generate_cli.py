@@ -52,3 +52,11 @@ def test_sampling_flags_that_cannot_sample_are_refused(flags, needle, capsys, tm
 def test_a_dir_without_a_model_is_one_line(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
     assert "no model here" in capsys.readouterr().err
+
+
+def test_generate_precision(reference, capsys):
+    out, _, _ = reference
+    final = generate(capsys, "--checkpoint", str(out / "final"))
+    assert generate(capsys, "--checkpoint", str(out / "final"), "--precision", "fp32") == final  # auto is pinned to fp32 here
+    bf16 = generate(capsys, "--checkpoint", str(out / "final"), "--precision", "bf16")  # bf16 weights and cache
+    assert bf16.count("--- prompt") == 2

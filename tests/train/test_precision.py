@@ -1,0 +1,94 @@
+"""train.precision: auto picks the dtype by measuring both matmul rates; MFU uses the peak of the
+dtype in use; threads follow the user's choice."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import megads, train_args
+from megads.runtime import hardware, precision
+
+
+@pytest.mark.parametrize("peaks,want", [({"fp32": 100e9, "bf16": 600e9}, "bf16"),  # AMX-like
+                                        ({"fp32": 100e9, "bf16": 110e9}, "fp32"),  # a near tie stays fp32
+                                        ({"fp32": 100e9, "bf16": 1.4e9}, "fp32")])  # no bf16 units
+def test_auto_follows_the_measured_rates(monkeypatch, peaks, want):
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setattr(precision, "matmul_peaks", lambda device="cpu", n_max=None: dict(peaks))
+    assert precision.resolve("auto") == (want, peaks)
+    assert precision.resolve("fp32")[0] == "fp32" and precision.resolve("bf16")[0] == "bf16"  # explicit wins
+    monkeypatch.setenv(precision.ENV, "bf16" if want == "fp32" else "fp32")  # the pin wins over the measurement
+    assert precision.resolve("auto")[0] != want
+
+
+def test_bad_pin_is_one_line(monkeypatch):
+    from megads.errors import ConfigError
+
+    monkeypatch.setenv(precision.ENV, "fp16")
+    with pytest.raises(ConfigError, match="MEGADS_PRECISION_AUTO: must be fp32 or bf16, got 'fp16'"):
+        precision.resolve("auto")
+
+
+def test_measurement_is_real_and_bounded():
+    import time
+
+    t = time.perf_counter()
+    peaks = precision.matmul_peaks()
+    assert time.perf_counter() - t < 10  # a slow dtype stays at a small n
+    # the fp32 figure is a real matmul rate: a product of its size takes about what it says
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    torch.mm(a, b)
+    rate = 2 * n ** 3 / (time.perf_counter() - t)
+    assert 0.1 * rate < peaks["fp32"] < 20 * rate
+    assert peaks["bf16"] > 0
+
+
+def test_train_auto_logs_both_peaks_and_mfu_uses_the_chosen_one(corpus, tmp_path):
+    env = {precision.ENV: ""}  # measure, as a user's run does
+    r = megads(*train_args(corpus, tmp_path, steps=2, extra=["train.samples_at_end=0"]), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"precision (fp32|bf16) \(measured; matmul peaks fp32 ([\d,]+), bf16 ([\d,]+) GFLOP/s; "
+                  r"1 threads\)", r.stdout)
+    assert m, r.stdout[-2000:]
+    used, p32, p16 = m.group(1), float(m.group(2).replace(",", "")), float(m.group(3).replace(",", ""))
+    if abs(p16 / max(p32, 1e-9) - precision.BF16_MARGIN) > 0.05:  # not a rounding-level tie
+        assert used == precision.choose({"fp32": p32, "bf16": p16})
+    recs = [json.loads(x) for x in Path(tmp_path, "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in recs if "mfu" in x]
+    assert steps
+    peak = steps[0]["peak_flops"] / 1e9
+    assert peak == pytest.approx(p32 if used == "fp32" else p16, abs=1.0)
+    from megads.config import load_config
+    from megads.model.info import flops_per_token, mtp_flops_per_token
+
+    args = train_args(corpus, tmp_path, steps=2)
+    cfg = load_config(str(Path(__file__).parents[2] / args[1]), [a for a in args[2:] if a != "--set"])
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len) + mtp_flops_per_token(cfg.model, cfg.train.seq_len)
+    for x in steps:  # one process: MFU = model FLOPs/token x tokens/s / the chosen dtype's peak
+        assert x["mfu"] == pytest.approx(fpt * x["tokens_per_s"] / x["peak_flops"], rel=1e-9)
+        assert 0 < x["mfu"] < 1
+
+
+def test_threads_follow_the_user(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the user's own choice, one process
+        assert hardware.place(0)[1] == 1
+        assert hardware.place(2)[1] == 2  # train.threads
+        torch.set_num_threads(1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # ranks sharing a node without OMP_NUM_THREADS
+        import os
+
+        assert hardware.place(0)[1] == max(1, (os.cpu_count() or 1) // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set: left alone
+        torch.set_num_threads(1)
+        assert hardware.place(0)[1] == 1
+    finally:
+        torch.set_num_threads(before)
