@@ -1,4 +1,4 @@
-"""megads vs transformers' DeepseekV3ForCausalLM on the same config and weights (CPU, fp32).
+"""megads vs transformers' DeepseekV3ForCausalLM on the same config and weights (CPU, --dtype).
 
 Measures, in one run on this machine:
 - training: forward+backward tokens/s and MFU (model FLOPs from megads.model.info against this
@@ -25,16 +25,12 @@ import time
 import torch
 
 
-def matmul_peak(n: int, reps: int = 5) -> float:
-    """fp32 FLOP/s of one large square torch.mm (best of reps)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+def matmul_peak(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n torch.mm in `dtype` (megads.runtime.precision's measurement, the one
+    `train.precision: auto` uses; bounded in time where the dtype is slow)."""
+    from megads.runtime.precision import matmul_rate
+
+    return matmul_rate(dtype, "cpu", n_max=n)
 
 
 def time_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
@@ -68,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1 min)")
     p.add_argument("--preset", default="small")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="both models' weights (and caches); auto: what train.precision auto picks here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
@@ -101,8 +99,13 @@ def main(argv=None) -> int:
         a, b = ours.eval()(x), theirs.eval()(x).logits
     agree = ((a - b).abs().max() / b.abs().max()).item()
     assert agree < 1e-4, f"megads and transformers disagree (rel err {agree:.2e})"
+    from megads.runtime.precision import DTYPES, resolve
 
-    peak = matmul_peak(mm)
+    name, peaks = resolve(args.dtype)  # auto: train.precision auto's choice; both peaks measured
+    dt = DTYPES[name]
+    ours.to(dt)  # both sides in the same dtype (bf16: weights, activations and caches)
+    theirs.to(dt)
+    peak = matmul_peak(mm, dt)
 
     # ---------------------------------------------------------------- training
     g = torch.Generator().manual_seed(2)
@@ -163,10 +166,10 @@ def main(argv=None) -> int:
         dec_ours, dec_theirs = db / min(steps_t["ours"]), db / min(steps_t["theirs"])
         med_ours, med_theirs = db / statistics.median(steps_t["ours"]), db / statistics.median(steps_t["theirs"])
         fwd_ours = db * dp / time_interleaved({"fwd": lambda: ours(prompt)}, reps=decode_reps, warmup=0)["fwd"]
-        peak = max(peak, matmul_peak(mm))
+        peak = max(peak, matmul_peak(mm, dt))
 
         # ------------------------------------------------------------ KV cache per token
-        cache_ours = MLACache(cfg, db, dp, dtype=torch.float32).bytes_per_token()
+        cache_ours = MLACache(cfg, db, dp, dtype=dt).bytes_per_token()
         out = theirs(prompt, use_cache=True)
         hf_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         cache_theirs = hf_cache_bytes(hf_cache) / (db * dp)
@@ -174,25 +177,26 @@ def main(argv=None) -> int:
     rows = [
         (f"train fwd+bwd tokens/s (B={tb}, S={ts})", f"{train_ours:,.0f}", f"{train_theirs:,.0f}",
          f"{train_ours / train_theirs:.2f}x", ">= 1.5x"),
-        ("train MFU (model FLOPs / measured fp32 peak)", f"{100 * fpt * train_ours / peak:.1f}%",
+        (f"train MFU (model FLOPs / measured {name} peak)", f"{100 * fpt * train_ours / peak:.1f}%",
          f"{100 * fpt * train_theirs / peak:.1f}%", "", ""),
         (f"prefill tokens/s (B={db}, prompt {dp})", f"{db * dp / p_ours:,.0f}", f"{db * dp / p_theirs:,.0f}",
          f"{p_theirs / p_ours:.2f}x", ""),
-        (f"  megads forward without cache, same prompt", f"{fwd_ours:,.0f}", "", "", ""),
+        ("  megads forward without cache, same prompt", f"{fwd_ours:,.0f}", "", "", ""),
         (f"decode tokens/s (B={db}, {dn} new, greedy)", f"{dec_ours:,.1f}", f"{dec_theirs:,.1f}",
          f"{dec_ours / dec_theirs:.2f}x", ">= 5x"),
         ("  (median step instead of best step)", f"{med_ours:,.1f}", f"{med_theirs:,.1f}",
          f"{med_ours / med_theirs:.2f}x", ""),
-        ("KV cache bytes/token (fp32, all layers)", f"{cache_ours:,}", f"{cache_theirs:,.0f}",
+        (f"KV cache bytes/token ({name}, all layers)", f"{cache_ours:,}", f"{cache_theirs:,.0f}",
          f"{cache_ours / cache_theirs:.2f}x", "<= 1x"),
     ]
     head = ("metric", "megads", "transformers", "megads/peer", "target")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     print(f"load average before/after: {load0[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; "
           f"times are the best of interleaved repeats")
-    print(f"preset {args.preset} (mtp_depth 0, seq_aux_alpha 0), fp32, {torch.get_num_threads()} threads, "
+    print(f"preset {args.preset} (mtp_depth 0, seq_aux_alpha 0), {name}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; megads ops: {ops.backend()}; transformers: {impl}")
-    print(f"fp32 matmul peak (torch.mm {mm}x{mm}): {peak / 1e9:.1f} GFLOP/s; "
+    print(f"{name} matmul peak (torch.mm up to {mm}x{mm}): {peak / 1e9:.1f} GFLOP/s (auto's start-up measurement: "
+          f"fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f}); "
           f"model FLOPs/token (train, S={ts}): {fpt / 1e6:.1f} M; logits agree to {agree:.1e} rel; "
           f"greedy tokens identical: {same_tokens}")
     for r in [head] + rows:

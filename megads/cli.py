@@ -66,7 +66,10 @@ def _cmd_generate(args) -> int:
     model, weights = open_model(args.checkpoint)  # final/, HF, checkpoints/step-N (any layout) or a run dir
     from megads.runtime.precision import DTYPES, resolve
 
-    used, _ = resolve(args.precision)  # auto: bf16 weights and cache where this chip's bf16 matmul is faster
+    # auto: bf16 weights and cache where this chip runs a decode-shaped product (the prompts'
+    # rows against an MLP weight) faster in bf16
+    m = model.cfg
+    used, _ = resolve(args.precision, decode=(len(args.prompt or [""]), m.hidden_size, m.intermediate_size))
     model = model.to(DTYPES[used])
     from megads.data.tokenizer import load_tokenizer
 
@@ -329,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chat", action="store_true",
                     help="wrap each prompt as a user turn of the megads-chat-v1 template (SFT/DPO models)")
     sp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="weights and cache dtype; auto (default): bf16 where this machine's bf16 matmul is "
-                         "measured faster than fp32")
+                    help="weights and cache dtype; auto (default): bf16 where this machine runs a decode-shaped "
+                         "matmul measured faster in bf16 than in fp32")
     sp.set_defaults(func=_cmd_generate)
 
     for mod in ("megads.hf", "megads.data.cli", "megads.sweep.cli"):

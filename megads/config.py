@@ -195,6 +195,7 @@ class TrainConfig:
     eval_iters: int = 4  # validation: eval_iters batches of global_batch_size samples (the same in every layout)
     log_interval: int = 1
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (regional compilation); compile time is logged
     max_bad_steps: int = 5  # consecutive NaN/inf steps before training stops
     deepspeed_config: str = ""  # a user's own DeepSpeed JSON (overrides the generated one)
     samples_at_end: int = 3  # generated samples printed when training ends

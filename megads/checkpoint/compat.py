@@ -22,7 +22,7 @@ FREE = {
     "train.max_steps", "train.save_interval", "train.keep_last", "train.eval_interval", "train.eval_iters",
     "train.log_interval", "train.output_dir", "train.tensorboard", "train.progress", "train.samples_at_end",
     "train.sample_tokens", "train.max_bad_steps", "train.save_on_signal", "train.verify_on_resume",
-    "train.activation_checkpointing", "train.micro_batch_size", "train.async_save", "train.threads",
+    "train.activation_checkpointing", "train.micro_batch_size", "train.async_save", "train.threads", "train.compile",
     "parallel.timeout_s", "parallel.backend", "data.num_workers", "data.cache_dir", "data.on_error",
 }
 LAYOUT = {"parallel.tp", "parallel.pp", "parallel.ep", "parallel.zero_stage", "parallel.vpp", "parallel.pp_schedule",

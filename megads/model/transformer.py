@@ -194,6 +194,19 @@ class Transformer(nn.Module):
         for m, c in zip(self.moe_layers(), counts):
             m.update_bias(c)
 
+    def compile_blocks(self, **options) -> int:
+        """Regional compilation (as torchtitan): every transformer block, main and MTP, through
+        torch.compile in place; the embedding, head, losses and the loop stay eager. The MoE ops
+        trace as custom ops with fake kernels: the ops backend is loaded first, so that loading it
+        does not break the graph. Returns the number of blocks."""
+        from megads import ops
+
+        ops.backend()
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        for b in blocks:
+            b.compile(**options)
+        return len(blocks)
+
     def _embed(self, tokens):
         h = self.embed(tokens)
         if self.sequence_parallel:  # enter the sequence-parallel region: keep our sequence chunk

@@ -18,8 +18,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
     x: [N, in] rows sorted by expert; weight: [E, out, in]; offsets: [E+1] row starts/ends.
     Uses torch._grouped_mm (fp32/bf16) when present; otherwise one matmul per non-empty segment
-    with a single host read of the offsets.
+    with a single host read of the offsets. Under torch.compile it is one opaque custom op
+    (`megads::grouped_linear`, below) running this same eager code: torch's fake kernel for
+    _grouped_mm accepts bf16 only, and the segment loop reads the offsets on the host.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.megads.grouped_linear(x, weight, offsets)
+    return _eager(x, weight, offsets)
+
+
+def _eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     E = weight.shape[0]
     if not x.is_cuda and 0 < x.shape[0] <= 64:
         # decode-sized batches on CPU: per-expert (W @ x^T)^T beats both grouped_mm and x @ W^T
@@ -38,3 +46,47 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     if not parts:
         return x.new_zeros(x.shape[0], weight.shape[1])
     return torch.cat(parts, 0)
+
+
+# ------------------------------------------------------------ the op torch.compile sees
+@torch.library.custom_op("megads::grouped_linear", mutates_args=())
+def _grouped_linear_op(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _eager(x, weight, offsets).clone()  # a fresh tensor (custom ops may not return an alias)
+
+
+@_grouped_linear_op.register_fake
+def _(x, weight, offsets):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("megads::grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of y = grouped_linear(x, weight, offsets): dx = the same grouped product with
+    each weight transposed; dweight[e] = dy[rows of e]^T x[rows of e] (zero for an expert with no
+    rows)."""
+    dx = _eager(dy, weight.transpose(1, 2).contiguous(), offsets).clone()
+    dw = torch.zeros_like(weight)
+    bounds = offsets.tolist()
+    for e in range(weight.shape[0]):
+        if bounds[e + 1] > bounds[e]:
+            torch.mm(dy[bounds[e]:bounds[e + 1]].t(), x[bounds[e]:bounds[e + 1]], out=dw[e])
+    return dx, dw
+
+
+@_grouped_linear_backward.register_fake
+def _(dy, x, weight, offsets):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    x, weight, offsets = ctx.saved_tensors
+    dx, dw = torch.ops.megads.grouped_linear_backward(dy.contiguous(), x, weight, offsets)
+    return dx, dw, None
+
+
+_grouped_linear_op.register_autograd(_backward, setup_context=_setup)

@@ -69,7 +69,7 @@ class AllToAllDispatcher:
         send_splits, recv_splits = send.tolist(), recv.sum(1).tolist()  # the one host sync per layer
         self._account(send_splits, x, indices)
         x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group)  # by source, then local expert
-        idx, local_offsets = _source_major_to_expert_major(recv)
+        idx, local_offsets = _source_major_to_expert_major(recv, sum(recv_splits))
         y_local = experts(x_recv.index_select(0, idx), local_offsets)
         y_recv = y_local.index_select(0, torch.argsort(idx))  # back to source-major order
         y_sorted = all_to_all(y_recv, send_splits, recv_splits, self.group)
@@ -86,7 +86,7 @@ class AllToAllDispatcher:
         hit = torch.zeros(indices.shape[0], nodes, dtype=torch.bool, device=indices.device)
         hit.scatter_(1, node_of, True)
         hit[:, me_node] = False
-        self.stats["bytes_internode_dedup"] += int(hit.sum()) * row
+        self.stats["bytes_internode_dedup"] += hit.sum() * row  # a tensor: read once per log step, not per layer
         self.stats["tokens"] += x.shape[0]
         for r, n in enumerate(send_splits):
             if r != self.rank:
@@ -95,15 +95,15 @@ class AllToAllDispatcher:
                     self.stats["bytes_sent_internode"] += n * row
 
 
-def _source_major_to_expert_major(recv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """recv [ep, El] rows per (source, local expert), laid out source-major. Returns the gather
-    index putting them expert-major (stable in source order) and the local expert offsets."""
+def _source_major_to_expert_major(recv: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """recv [ep, El] rows per (source, local expert), laid out source-major; total: their sum
+    (known on the host from the splits: no second sync). Returns the gather index putting them
+    expert-major (stable in source order) and the local expert offsets."""
     ep, El = recv.shape
     flat = recv.reshape(-1)
     starts = torch.cumsum(flat, 0) - flat  # start of each (s, e) segment, source-major
     order = torch.arange(ep * El, device=recv.device).view(ep, El).t().reshape(-1)  # (e, s)
     seg_len, seg_start = flat[order], starts[order]
-    total = int(flat.sum())
     new_starts = torch.cumsum(seg_len, 0) - seg_len
     idx = torch.repeat_interleave(seg_start - new_starts, seg_len, output_size=total) + torch.arange(
         total, device=recv.device)

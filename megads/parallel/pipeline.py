@@ -246,7 +246,7 @@ class Pipeline:
             self._results[i] = self._collect(out, self.batches[i])
             return torch.zeros((), device=self.device)
         loss, mets = self.objective.loss_of(out, self.batches[i], self.denom)
-        self._sums += torch.tensor([float(mets[k]) for k in self.keys], dtype=torch.float64)
+        self._sums += torch.stack([torch.as_tensor(mets[k], dtype=torch.float64).detach().cpu() for k in self.keys])
         return loss
 
     # ------------------------------------------------------------------ per step

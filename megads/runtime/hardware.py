@@ -22,3 +22,16 @@ def place(threads: int = 0) -> tuple[torch.device, int]:
     elif not os.environ.get("OMP_NUM_THREADS") and local > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return torch.device("cpu"), torch.get_num_threads()
+
+
+def compile_note(blocks: int) -> str:
+    """The one log line after the first compiled step: torch.compile's own account of the time it
+    spent (dynamo's per-frame timings; a private table, so it may be absent in another torch)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+
+        secs = sum(compilation_time_metrics.get("_compile.compile_inner", []))
+        spent = f"{secs:.1f} s compiling (dynamo + inductor, first step)"
+    except ImportError:
+        spent = "compile time not reported by this torch"
+    return f"torch.compile: {blocks} blocks compiled, {spent}"

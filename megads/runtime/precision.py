@@ -59,16 +59,47 @@ def matmul_peaks(device: torch.device | str = "cpu", n_max: int | None = None) -
     return {name: matmul_rate(dt, device, n_max) for name, dt in DTYPES.items()}
 
 
+def skinny_rates(rows: int, k: int, n: int, device: torch.device | str = "cpu",
+                 min_s: float = 0.05) -> dict[str, float]:
+    """{'fp32': FLOP/s, 'bf16': FLOP/s} of x [rows, k] @ w [k, n]: the shape of a decode step
+    (a few rows against every weight, bound by memory rather than by the matmul units; on some
+    CPUs bf16 wins here by halving the bytes while losing the square matmul). Each dtype is
+    repeated for about `min_s` and the best of three such rounds is kept."""
+    device = torch.device(device)
+    out = {}
+    for name, dt in DTYPES.items():
+        x = torch.randn(rows, k, device=device).to(dt)
+        w = torch.randn(n, k, device=device).to(dt)  # nn.Linear's layout: y = x @ w.T
+        torch.nn.functional.linear(x, w)
+        _sync(device)
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        _sync(device)
+        best = time.perf_counter() - t
+        reps = int(min_s / max(best, 1e-7))
+        for _ in range(3 if reps else 0):  # a slow dtype keeps its one timing
+            t = time.perf_counter()
+            for _ in range(min(reps, 200)):
+                torch.nn.functional.linear(x, w)
+            _sync(device)
+            best = min(best, (time.perf_counter() - t) / min(reps, 200))
+        out[name] = 2 * rows * k * n / best
+    return out
+
+
 def choose(peaks: dict[str, float]) -> str:
     return "bf16" if peaks["bf16"] > BF16_MARGIN * peaks["fp32"] else "fp32"
 
 
-def resolve(precision: str, device: torch.device | str = "cpu", group=None) -> tuple[str, dict[str, float]]:
+def resolve(precision: str, device: torch.device | str = "cpu", group=None,
+            decode: tuple[int, int, int] | None = None) -> tuple[str, dict[str, float]]:
     """(fp32 | bf16, measured peaks) for a configured `auto | fp32 | bf16`. Collective over
-    `group` (default world) when torch.distributed is initialised: every rank must call it."""
+    `group` (default world) when torch.distributed is initialised: every rank must call it.
+    decode (rows, k, n): choose for generation, by the rates of that skinny product instead of
+    the square matmul peaks (skinny_rates)."""
     import torch.distributed as dist
 
-    peaks = matmul_peaks(device)
+    peaks = skinny_rates(*decode, device=device) if decode else matmul_peaks(device)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         t = torch.tensor([peaks["fp32"], peaks["bf16"]], dtype=torch.float64,
                          device=device if torch.device(device).type == "cuda" else "cpu")

@@ -110,6 +110,7 @@ class Trainer:
 
         self.model = self._build_model()
         self.model.activation_checkpointing = t.activation_checkpointing
+        self.compiled = self.model.compile_blocks() if t.compile else 0
         group_fn = None
         if p.ep > 1 and cfg.model.n_routed_experts:
             from megads.parallel.expert import expert_param_groups, mark_expert_params
@@ -269,8 +270,8 @@ class Trainer:
         return self.objective.forward(self.engine, batch, denom)
 
     # ------------------------------------------------------------------ reductions
-    def _mean_over_dp(self, values: list[float]) -> list[float]:
-        x = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def _mean_over_dp(self, values) -> list[float]:
+        x = torch.as_tensor(values, dtype=torch.float64).to(self.device).clone()
         if dist.is_initialized() and self.dp > 1:
             dist.all_reduce(x, group=self.ps.group("dp"))
             x /= self.dp
@@ -300,7 +301,7 @@ class Trainer:
                 g["lr"] = lr
             t0 = time.perf_counter()
             keys = self.objective.averaged
-            sums = np.zeros(len(keys))
+            sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
             counts = None
             batches = self.objective.attach(self, self.objective.step_batches(self, step))
             tokens = self._global_token_counts(batches)
@@ -314,9 +315,11 @@ class Trainer:
                 if c is not None:
                     counts = c if counts is None else counts + c
                 self.engine.step()
-                sums += [float(mets[k]) for k in keys]
+                # accumulated on the device: the step's metrics are read once, not per micro step
+                sums = sums + torch.stack([torch.as_tensor(mets[k], dtype=torch.float64).to(self.device).detach()
+                                           for k in keys])
             skipped = self.optimizer.last_step_skipped
-            means = dict(zip(keys, self._mean_over_dp(list(sums / self.gas))))
+            means = dict(zip(keys, self._mean_over_dp(sums / self.gas)))
             dt = time.perf_counter() - t0
             grad_norm = (self.optimizer.last_grad_norm if self.optimizer.norm_weights is not None
                          else self.engine.get_global_grad_norm())
@@ -349,6 +352,8 @@ class Trainer:
                     if counts is not None:
                         rec.update(self._expert_stats(counts, biases))
             self.step += 1
+            if self.compiled and not self.history:
+                self.metrics.write(hardware.compile_note(self.compiled))
             self.history.append(rec)
             self.metrics.log_step(rec)
             if consecutive_bad >= t.max_bad_steps:
@@ -412,7 +417,7 @@ class Trainer:
         tokens = max(1, st["tokens"] // max(1, len(self.model.moe_layers())))
         return {"a2a_bytes_per_token": st["bytes_sent_remote"] / tokens,
                 "a2a_internode_bytes_per_token": st["bytes_sent_internode"] / tokens,
-                "a2a_internode_dedup_bytes_per_token": st["bytes_internode_dedup"] / tokens}
+                "a2a_internode_dedup_bytes_per_token": float(st["bytes_internode_dedup"]) / tokens}
 
     def _expert_stats(self, counts: torch.Tensor, biases) -> dict:
         c = counts.float()

@@ -1,0 +1,165 @@
+"""Where the time goes: a per-module profile of one training step and one decode step.
+
+Module hooks time each part's forward (forward pre-hook .. forward hook) and, in the training
+step, its backward (full backward pre-hook .. full backward hook), on the `small` preset in the
+dtype `train.precision: auto` picks here (both matmul peaks printed). Parts: embedding,
+attention (MLA), the two RMSNorms, the MoE router (gate), routed experts, shared experts, the
+dense MLP, final norm + head; "MoE dispatch" is the MoE layer's time outside its gate, experts
+and shared experts (permute, unpermute, counts); "rest" is the step's wall time outside every
+part (loss, residual adds, autograd bookkeeping; in the training step, also the AdamW step, which
+is timed on its own). Each figure is the best of --reps runs' per-part sums.
+
+    PYTHONPATH=. .venv/bin/python bench/breakdown.py            # ~2 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import time
+
+import warnings
+
+import torch
+
+PARTS = {"embed": "embedding", "attn": "attention (MLA)", "attn_norm": "RMSNorm", "ffn_norm": "RMSNorm",
+         "gate": "MoE router", "experts": "MoE routed experts", "shared": "MoE shared experts",
+         "mlp": "dense MLP", "norm": "final norm + head", "head": "final norm + head"}
+
+
+class Timer:
+    def __init__(self, model):
+        self.fwd = collections.Counter()
+        self.bwd = collections.Counter()
+        self.moe_fwd = collections.Counter()
+        self.moe_bwd = collections.Counter()
+        self._t0 = {}
+        for name, mod in model.named_modules():
+            m = re.fullmatch(r"(embed|norm|head)|layers\.\d+\.(attn|attn_norm|ffn_norm|ffn)(?:\.(gate|experts|shared))?",
+                             name)
+            if not m:
+                continue
+            top, part, sub = m.groups()
+            if top:
+                self._hook(mod, name, PARTS[top])
+            elif sub:
+                self._hook(mod, name, PARTS[sub])
+            elif part == "ffn":
+                self._hook(mod, name, "MoE layer" if hasattr(mod, "gate") else PARTS["mlp"])
+            else:
+                self._hook(mod, name, PARTS[part])
+
+    def _hook(self, mod, key, label):
+        def pre(m, *a):
+            self._t0[(key, "f")] = time.perf_counter()
+
+        def post(m, *a):
+            self.fwd[label] += time.perf_counter() - self._t0.pop((key, "f"))
+
+        def bpre(m, *a):
+            self._t0[(key, "b")] = time.perf_counter()
+
+        def bpost(m, *a):
+            if (key, "b") in self._t0:
+                self.bwd[label] += time.perf_counter() - self._t0.pop((key, "b"))
+
+        mod.register_forward_pre_hook(pre)
+        mod.register_forward_hook(post)
+        mod.register_full_backward_pre_hook(bpre)
+        mod.register_full_backward_hook(bpost)
+
+    def table(self, counter, wall):
+        moe = counter.pop("MoE layer", 0.0)
+        inner = sum(counter[k] for k in (PARTS["gate"], PARTS["experts"], PARTS["shared"]))
+        if moe:
+            counter["MoE dispatch (permute/unpermute)"] = max(0.0, moe - inner)
+        counter["rest"] = max(0.0, wall - sum(counter.values()))
+        return counter
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    args = p.parse_args(argv)
+
+    from megads.config import load_model_preset
+    from megads.model import Transformer
+    from megads.model.cache import new_cache
+    from megads.runtime.precision import DTYPES, resolve
+    from megads.train.optim import build_optimizer
+    from megads.config import TrainConfig
+
+    used, peaks = resolve(args.precision)
+    dtype = DTYPES[used]
+    cfg = load_model_preset(args.preset)
+    cfg.mtp_depth, cfg.seq_aux_alpha = 0, 0.0
+    cfg.max_seq_len = max(cfg.max_seq_len, args.prompt + 8, args.seq)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dtype)
+    timer = Timer(model)
+    opt = build_optimizer(model, TrainConfig())
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
+
+    best = None
+    for _ in range(args.reps + 1):  # the first is a warm-up
+        timer.fwd.clear(), timer.bwd.clear()
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        loss = model(toks[:, :-1], labels=toks[:, 1:]).loss
+        t_f = time.perf_counter()
+        loss.backward()
+        t_b = time.perf_counter()
+        opt.step()
+        t_o = time.perf_counter()
+        run = (t_o - t, t_f - t, t_b - t_f, t_o - t_b, dict(timer.fwd), dict(timer.bwd))
+        if best is None or run[0] < best[0]:
+            best = run
+    wall, wf, wb, wo, fwd, bwd = best
+    fwd = timer.table(collections.Counter(fwd), wf)
+    bwd = timer.table(collections.Counter(bwd), wb)
+    print(f"preset {args.preset}, {used} ({'bf16' if used == 'bf16' else 'fp32'} weights), "
+          f"{torch.get_num_threads()} threads; matmul peaks fp32 {peaks['fp32'] / 1e9:,.0f}, bf16 "
+          f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s")
+    print(f"\ntraining step B={args.batch} S={args.seq}: {wall * 1e3:,.0f} ms (forward {wf * 1e3:,.0f}, "
+          f"backward {wb * 1e3:,.0f}, AdamW {wo * 1e3:,.0f}); {args.batch * args.seq / wall:,.0f} tokens/s")
+    print("| part | forward ms | backward ms | share of step |")
+    print("|---|---|---|---|")
+    for k in sorted(set(fwd) | set(bwd), key=lambda k: -(fwd[k] + bwd[k])):
+        print(f"| {k} | {fwd[k] * 1e3:,.1f} | {bwd[k] * 1e3:,.1f} | {100 * (fwd[k] + bwd[k]) / wall:.0f}% |")
+    print(f"| AdamW step | | | {100 * wo / wall:.0f}% |")
+
+    # ------------------------------------------------------------------ decode
+    model.eval()
+    prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=g)
+    best = None
+    with torch.no_grad():
+        for _ in range(args.reps + 1):
+            cache = new_cache(cfg, args.batch, args.prompt + 8, dtype=dtype)
+            model(prompt, cache=cache)
+            nxt = prompt[:, -1:]
+            timer.fwd.clear()
+            t = time.perf_counter()
+            model(nxt, cache=cache)
+            run = (time.perf_counter() - t, dict(timer.fwd))
+            if best is None or run[0] < best[0]:
+                best = run
+    wall, fwd = best
+    fwd = timer.table(collections.Counter(fwd), wall)
+    print(f"\ndecode step B={args.batch} after {args.prompt} tokens: {wall * 1e3:,.1f} ms "
+          f"({args.batch / wall:,.0f} tokens/s)")
+    print("| part | ms | share |")
+    print("|---|---|---|")
+    for k in sorted(fwd, key=lambda k: -fwd[k]):
+        print(f"| {k} | {fwd[k] * 1e3:,.2f} | {100 * fwd[k] / wall:.0f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
