@@ -9,7 +9,7 @@ and shared experts (permute, unpermute, counts); "rest" is the step's wall time 
 part (loss, residual adds, autograd bookkeeping; in the training step, also the AdamW step, which
 is timed on its own). Each figure is the best of --reps runs' per-part sums.
 
-    PYTHONPATH=. .venv/bin/python bench/breakdown.py            # ~2 min on 2 cores
+    PYTHONPATH=. .venv/bin/python bench/breakdown.py [--compile]   # ~2 min on 2 cores (+3 with --compile)
 """
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--compile", action="store_true", help="also time the training step with compiled blocks")
     args = p.parse_args(argv)
 
     from megads.config import load_model_preset
@@ -158,7 +159,40 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     for k in sorted(fwd, key=lambda k: -fwd[k]):
         print(f"| {k} | {fwd[k] * 1e3:,.2f} | {100 * fwd[k] / wall:.0f}% |")
+    if args.compile:
+        compiled_vs_eager(cfg, dtype, toks, args.reps)
     return 0
+
+
+def compiled_vs_eager(cfg, dtype, toks, reps):
+    """Training step (forward + backward) with every block through torch.compile (train.compile)
+    against the same model eager, interleaved, best of reps; the first compiled call is timed
+    separately (compilation)."""
+    from megads.model import Transformer
+
+    torch.manual_seed(0)
+    eager = Transformer(cfg).to(dtype)
+    comp = Transformer(cfg).to(dtype)
+    comp.load_state_dict(eager.state_dict())
+    comp.compile_blocks()
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        m(toks[:, :-1], labels=toks[:, 1:]).loss.backward()
+        return time.perf_counter() - t
+
+    first = step(comp)
+    step(eager)
+    best = {"eager": float("inf"), "compiled": float("inf")}
+    for _ in range(reps):
+        best["eager"] = min(best["eager"], step(eager))
+        best["compiled"] = min(best["compiled"], step(comp))
+    n = toks.shape[0] * (toks.shape[1] - 1)
+    print(f"\ntraining fwd+bwd, B={toks.shape[0]} S={toks.shape[1] - 1}: eager {best['eager'] * 1e3:,.0f} ms "
+          f"({n / best['eager']:,.0f} tokens/s), compiled blocks {best['compiled'] * 1e3:,.0f} ms "
+          f"({n / best['compiled']:,.0f} tokens/s, {best['eager'] / best['compiled']:.2f}x); "
+          f"first compiled step {first:,.1f} s (compilation)")
 
 
 if __name__ == "__main__":

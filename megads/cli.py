@@ -64,13 +64,13 @@ def _cmd_generate(args) -> int:
     _check_sampling_args(args)
     quiet_startup()  # a training checkpoint's reader imports DeepSpeed
     model, weights = open_model(args.checkpoint)  # final/, HF, checkpoints/step-N (any layout) or a run dir
-    from megads.runtime.precision import DTYPES, resolve
+    from megads.runtime.precision import resolve_decode
 
-    # auto: bf16 weights and cache where this chip runs a decode-shaped product (the prompts'
-    # rows against an MLP weight) faster in bf16
-    m = model.cfg
-    used, _ = resolve(args.precision, decode=(len(args.prompt or [""]), m.hidden_size, m.intermediate_size))
-    model = model.to(DTYPES[used])
+    # auto: the dtype whose decode step, timed here at this many rows, is faster
+    used, rates, model = resolve_decode(args.precision, model, len(args.prompt or [""]))
+    if rates:
+        print(f"precision {used} (measured decode: fp32 {rates['fp32']:,.0f}, bf16 {rates['bf16']:,.0f} tokens/s)",
+              file=sys.stderr)
     from megads.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir(weights, args.tokenizer))
@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chat", action="store_true",
                     help="wrap each prompt as a user turn of the megads-chat-v1 template (SFT/DPO models)")
     sp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="weights and cache dtype; auto (default): bf16 where this machine runs a decode-shaped "
-                         "matmul measured faster in bf16 than in fp32")
+                    help="weights and cache dtype; auto (default): the one whose decode step, timed here at start, "
+                         "is faster")
     sp.set_defaults(func=_cmd_generate)
 
     for mod in ("megads.hf", "megads.data.cli", "megads.sweep.cli"):

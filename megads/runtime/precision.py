@@ -59,47 +59,16 @@ def matmul_peaks(device: torch.device | str = "cpu", n_max: int | None = None) -
     return {name: matmul_rate(dt, device, n_max) for name, dt in DTYPES.items()}
 
 
-def skinny_rates(rows: int, k: int, n: int, device: torch.device | str = "cpu",
-                 min_s: float = 0.05) -> dict[str, float]:
-    """{'fp32': FLOP/s, 'bf16': FLOP/s} of x [rows, k] @ w [k, n]: the shape of a decode step
-    (a few rows against every weight, bound by memory rather than by the matmul units; on some
-    CPUs bf16 wins here by halving the bytes while losing the square matmul). Each dtype is
-    repeated for about `min_s` and the best of three such rounds is kept."""
-    device = torch.device(device)
-    out = {}
-    for name, dt in DTYPES.items():
-        x = torch.randn(rows, k, device=device).to(dt)
-        w = torch.randn(n, k, device=device).to(dt)  # nn.Linear's layout: y = x @ w.T
-        torch.nn.functional.linear(x, w)
-        _sync(device)
-        t = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        _sync(device)
-        best = time.perf_counter() - t
-        reps = int(min_s / max(best, 1e-7))
-        for _ in range(3 if reps else 0):  # a slow dtype keeps its one timing
-            t = time.perf_counter()
-            for _ in range(min(reps, 200)):
-                torch.nn.functional.linear(x, w)
-            _sync(device)
-            best = min(best, (time.perf_counter() - t) / min(reps, 200))
-        out[name] = 2 * rows * k * n / best
-    return out
-
-
 def choose(peaks: dict[str, float]) -> str:
     return "bf16" if peaks["bf16"] > BF16_MARGIN * peaks["fp32"] else "fp32"
 
 
-def resolve(precision: str, device: torch.device | str = "cpu", group=None,
-            decode: tuple[int, int, int] | None = None) -> tuple[str, dict[str, float]]:
+def resolve(precision: str, device: torch.device | str = "cpu", group=None) -> tuple[str, dict[str, float]]:
     """(fp32 | bf16, measured peaks) for a configured `auto | fp32 | bf16`. Collective over
-    `group` (default world) when torch.distributed is initialised: every rank must call it.
-    decode (rows, k, n): choose for generation, by the rates of that skinny product instead of
-    the square matmul peaks (skinny_rates)."""
+    `group` (default world) when torch.distributed is initialised: every rank must call it."""
     import torch.distributed as dist
 
-    peaks = skinny_rates(*decode, device=device) if decode else matmul_peaks(device)
+    peaks = matmul_peaks(device)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         t = torch.tensor([peaks["fp32"], peaks["bf16"]], dtype=torch.float64,
                          device=device if torch.device(device).type == "cuda" else "cpu")
@@ -115,6 +84,55 @@ def resolve(precision: str, device: torch.device | str = "cpu", group=None,
             raise ConfigError(f"{ENV}: must be fp32 or bf16, got {pinned!r}")
         return pinned, peaks
     return choose(peaks), peaks
+
+
+@torch.no_grad()
+def decode_rates(model, rows: int, steps: int = 3, prompt: int = 8) -> tuple[dict[str, float], dict]:
+    """Tokens/s of `model`'s own decode step at `rows` rows in fp32 and in bf16 (a short random
+    prompt, then the best of `steps` cached steps), and the models: ({'fp32': .., 'bf16': ..},
+    {'fp32': model, 'bf16': a bf16 copy}). The whole step is timed, because proxies mislead:
+    on an EPYC here a 4-row linear runs 4x faster in bf16 while the decode step (per-expert
+    products of one row, attention over the cache) runs 2.6x slower."""
+    import copy
+
+    from megads.model.cache import new_cache
+
+    device = next(model.parameters()).device
+    models = {"fp32": model.float(), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randint(0, model.cfg.vocab_size, (rows, prompt), generator=g).to(device)
+    rates = {}
+    for name, m in models.items():
+        was = m.training
+        m.eval()
+        cache = new_cache(m.cfg, rows, prompt + steps + 1, dtype=DTYPES[name], device=device)
+        m(x, cache=cache)
+        best = float("inf")
+        for _ in range(steps):
+            _sync(device)
+            t = time.perf_counter()
+            m(x[:, -1:], cache=cache)
+            _sync(device)
+            best = min(best, time.perf_counter() - t)
+        m.train(was)
+        rates[name] = rows / best
+    return rates, models
+
+
+def resolve_decode(precision: str, model, rows: int):
+    """(fp32 | bf16, measured decode tokens/s or {}, the model in that dtype) for generation:
+    auto picks the dtype whose decode step is faster here (decode_rates; the pin applies)."""
+    pinned = os.environ.get(ENV, "") if precision == "auto" else ""
+    if precision == "auto" and not pinned:
+        rates, models = decode_rates(model, rows)
+        used = "bf16" if rates["bf16"] > rates["fp32"] else "fp32"
+        return used, rates, models[used]
+    used = pinned or precision
+    if used not in DTYPES:
+        from megads.errors import ConfigError
+
+        raise ConfigError(f"{ENV}: must be fp32 or bf16, got {used!r}")
+    return used, {}, model.to(DTYPES[used])
 
 
 def describe(configured: str, used: str, peaks: dict[str, float], threads: int | None = None) -> str:

@@ -92,3 +92,22 @@ def test_threads_follow_the_user(monkeypatch):
         assert hardware.place(0)[1] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_generation_times_its_own_decode_step(monkeypatch):
+    from megads.config import load_config, preset_path
+    from megads.model import Transformer
+
+    monkeypatch.delenv(precision.ENV, raising=False)
+    cfg = load_config(preset_path("tiny"), ["model.num_layers=2"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 8))
+    want = model.generate(x, max_new_tokens=4)
+    used, rates, picked = precision.resolve_decode("auto", model, rows=2)
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+    assert used == max(rates, key=rates.get)
+    assert next(picked.parameters()).dtype == precision.DTYPES[used]
+    if used == "fp32":  # the fp32 model is the original, untouched: the same greedy tokens
+        assert picked is model and torch.equal(picked.generate(x, max_new_tokens=4), want)
+    assert precision.resolve_decode("fp32", model, 2)[:2] == ("fp32", {})  # explicit: nothing measured
