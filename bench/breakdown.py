@@ -153,8 +153,11 @@ def main(argv=None) -> int:
                 best = run
     wall, fwd = best
     fwd = timer.table(collections.Counter(fwd), wall)
+    moved, copy_bw = decode_bytes(model, cfg, args.batch, args.prompt, dtype), copy_bandwidth()
     print(f"\ndecode step B={args.batch} after {args.prompt} tokens: {wall * 1e3:,.1f} ms "
-          f"({args.batch / wall:,.0f} tokens/s)")
+          f"({args.batch / wall:,.0f} tokens/s); it reads at least {moved / 1e6:,.1f} MB (weights it uses, "
+          f"the cache): {moved / wall / 1e9:,.1f} GB/s against a measured copy bandwidth of "
+          f"{copy_bw / 1e9:,.1f} GB/s ({100 * moved / wall / copy_bw:.0f}%)")
     print("| part | ms | share |")
     print("|---|---|---|")
     for k in sorted(fwd, key=lambda k: -fwd[k]):
@@ -162,6 +165,50 @@ def main(argv=None) -> int:
     if args.compile:
         compiled_vs_eager(cfg, dtype, toks, args.reps)
     return 0
+
+
+def copy_bandwidth(mb: int = 256) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), best of 5."""
+    src = torch.ones(mb * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+@torch.no_grad()
+def decode_bytes(model, cfg, batch, prompt, dtype) -> int:
+    """The least a decode step must read: every non-expert weight (the embedding: its B rows),
+    the routed experts the step's tokens select (counted by running one step with the gates
+    watched), and the cache of every layer."""
+    from megads.model.cache import new_cache
+
+    chosen = []
+    hooks = [m.ffn.gate.register_forward_hook(lambda mod, a, out: chosen.append(out[1].unique().numel()))
+             for m in model.layers if m.is_moe]
+    cache = new_cache(cfg, batch, prompt + 2, dtype=dtype)
+    x = torch.randint(0, cfg.vocab_size, (batch, prompt))
+    model(x, cache=cache)
+    chosen.clear()
+    model(x[:, -1:], cache=cache)
+    for h in hooks:
+        h.remove()
+    size = torch.finfo(dtype).bits // 8
+    total = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            continue
+        total += (batch * p.shape[1] if name.startswith("embed") else p.numel()) * size
+    if cfg.tie_embeddings:  # the head reads the whole shared matrix
+        total += model.embed.weight.numel() * size
+    per_expert = sum(p[0].numel() for n, p in model.layers[[b.is_moe for b in model.layers].index(True)]
+                     .ffn.experts.named_parameters()) * size
+    total += sum(chosen) * per_expert
+    total += cache.bytes_per_token() * batch * (prompt + 1)
+    return total
 
 
 def compiled_vs_eager(cfg, dtype, toks, reps):
