@@ -87,14 +87,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--compile", action="store_true", help="also time the training step with compiled blocks")
+    p.add_argument("--skip-train", action="store_true", help="the decode step only (bf16 where it is slow)")
     args = p.parse_args(argv)
 
     from megads.config import load_model_preset
     from megads.model import Transformer
     from megads.model.cache import new_cache
     from megads.runtime.precision import DTYPES, resolve
-    from megads.train.optim import build_optimizer
-    from megads.config import TrainConfig
 
     used, peaks = resolve(args.precision)
     dtype = DTYPES[used]
@@ -104,37 +103,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = Transformer(cfg).to(dtype)
     timer = Timer(model)
-    opt = build_optimizer(model, TrainConfig())
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
-
-    best = None
-    for _ in range(args.reps + 1):  # the first is a warm-up
-        timer.fwd.clear(), timer.bwd.clear()
-        model.zero_grad(set_to_none=True)
-        t = time.perf_counter()
-        loss = model(toks[:, :-1], labels=toks[:, 1:]).loss
-        t_f = time.perf_counter()
-        loss.backward()
-        t_b = time.perf_counter()
-        opt.step()
-        t_o = time.perf_counter()
-        run = (t_o - t, t_f - t, t_b - t_f, t_o - t_b, dict(timer.fwd), dict(timer.bwd))
-        if best is None or run[0] < best[0]:
-            best = run
-    wall, wf, wb, wo, fwd, bwd = best
-    fwd = timer.table(collections.Counter(fwd), wf)
-    bwd = timer.table(collections.Counter(bwd), wb)
     print(f"preset {args.preset}, {used} ({'bf16' if used == 'bf16' else 'fp32'} weights), "
           f"{torch.get_num_threads()} threads; matmul peaks fp32 {peaks['fp32'] / 1e9:,.0f}, bf16 "
           f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s")
-    print(f"\ntraining step B={args.batch} S={args.seq}: {wall * 1e3:,.0f} ms (forward {wf * 1e3:,.0f}, "
-          f"backward {wb * 1e3:,.0f}, AdamW {wo * 1e3:,.0f}); {args.batch * args.seq / wall:,.0f} tokens/s")
-    print("| part | forward ms | backward ms | share of step |")
-    print("|---|---|---|---|")
-    for k in sorted(set(fwd) | set(bwd), key=lambda k: -(fwd[k] + bwd[k])):
-        print(f"| {k} | {fwd[k] * 1e3:,.1f} | {bwd[k] * 1e3:,.1f} | {100 * (fwd[k] + bwd[k]) / wall:.0f}% |")
-    print(f"| AdamW step | | | {100 * wo / wall:.0f}% |")
+    if not args.skip_train:
+        train_profile(model, timer, toks, args.reps)
 
     # ------------------------------------------------------------------ decode
     model.eval()
@@ -165,6 +140,39 @@ def main(argv=None) -> int:
     if args.compile:
         compiled_vs_eager(cfg, dtype, toks, args.reps)
     return 0
+
+
+def train_profile(model, timer, toks, reps):
+    """The training step's table: forward, backward (per part) and the AdamW step."""
+    from megads.config import TrainConfig
+    from megads.train.optim import build_optimizer
+
+    opt = build_optimizer(model, TrainConfig())
+
+    best = None
+    for _ in range(reps + 1):  # the first is a warm-up
+        timer.fwd.clear(), timer.bwd.clear()
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        loss = model(toks[:, :-1], labels=toks[:, 1:]).loss
+        t_f = time.perf_counter()
+        loss.backward()
+        t_b = time.perf_counter()
+        opt.step()
+        t_o = time.perf_counter()
+        run = (t_o - t, t_f - t, t_b - t_f, t_o - t_b, dict(timer.fwd), dict(timer.bwd))
+        if best is None or run[0] < best[0]:
+            best = run
+    wall, wf, wb, wo, fwd, bwd = best
+    fwd = timer.table(collections.Counter(fwd), wf)
+    bwd = timer.table(collections.Counter(bwd), wb)
+    print(f"\ntraining step B={toks.shape[0]} S={toks.shape[1] - 1}: {wall * 1e3:,.0f} ms (forward {wf * 1e3:,.0f}, "
+          f"backward {wb * 1e3:,.0f}, AdamW {wo * 1e3:,.0f}); {toks.shape[0] * (toks.shape[1] - 1) / wall:,.0f} tokens/s")
+    print("| part | forward ms | backward ms | share of step |")
+    print("|---|---|---|---|")
+    for k in sorted(set(fwd) | set(bwd), key=lambda k: -(fwd[k] + bwd[k])):
+        print(f"| {k} | {fwd[k] * 1e3:,.1f} | {bwd[k] * 1e3:,.1f} | {100 * (fwd[k] + bwd[k]) / wall:.0f}% |")
+    print(f"| AdamW step | | | {100 * wo / wall:.0f}% |")
 
 
 def copy_bandwidth(mb: int = 256) -> float:
