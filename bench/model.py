@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1 min)")
     p.add_argument("--preset", default="small")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-batch", type=int, default=None, help="decode rows (default 4; 64: a rollout batch)")
+    p.add_argument("--decode-prompt", type=int, default=None, help="prompt tokens before decoding (default 1024)")
+    p.add_argument("--decode-new", type=int, default=None, help="tokens decoded (default 32)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="both models' weights (and caches); auto: what train.precision auto picks here")
     args = p.parse_args(argv)
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
         tb, ts, steps, db, dp, dn, mm, decode_reps = 2, 128, 2, 2, 256, 8, 1024, 2
     else:
         tb, ts, steps, db, dp, dn, mm, decode_reps = 4, 512, 3, 4, 1024, 32, 2048, 3
+    db, dp, dn = args.decode_batch or db, args.decode_prompt or dp, args.decode_new or dn
     cfg = load_model_preset(args.preset)
     cfg.mtp_depth, cfg.seq_aux_alpha = 0, 0.0
     cfg.max_seq_len = max(cfg.max_seq_len, dp + dn, ts)
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
          f"{p_theirs / p_ours:.2f}x", ""),
         ("  megads forward without cache, same prompt", f"{fwd_ours:,.0f}", "", "", ""),
         (f"decode tokens/s (B={db}, {dn} new, greedy)", f"{dec_ours:,.1f}", f"{dec_theirs:,.1f}",
-         f"{dec_ours / dec_theirs:.2f}x", ">= 5x"),
+         f"{dec_ours / dec_theirs:.2f}x", ">= 5x" if db <= 4 else ">= 8x"),
         ("  (median step instead of best step)", f"{med_ours:,.1f}", f"{med_theirs:,.1f}",
          f"{med_ours / med_theirs:.2f}x", ""),
         (f"KV cache bytes/token ({name}, all layers)", f"{cache_ours:,}", f"{cache_theirs:,.0f}",
