@@ -29,7 +29,9 @@ def _env(extra=None):
 def _launch_cmd(args, nproc):
     if nproc == 1:
         return [sys.executable, "-m", "megads", *args]
-    port = 20000 + (os.getpid() * 7 + int(time.time() * 1000)) % 20000
+    with socket.socket() as s:  # a port the OS says is free now (a pseudo-random one once hit a port in use)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port", str(port),
             "--no_local_rank", "--module", "megads", *args]
 
