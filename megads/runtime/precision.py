@@ -19,6 +19,7 @@ import time
 import torch
 
 BF16_MARGIN = 1.25
+DECODE_FLOOR = 0.1  # generation times bf16 decode only where bf16 matmul is at least this share of fp32's
 ENV = "MEGADS_PRECISION_AUTO"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -121,9 +122,16 @@ def decode_rates(model, rows: int, steps: int = 3, prompt: int = 8) -> tuple[dic
 
 def resolve_decode(precision: str, model, rows: int):
     """(fp32 | bf16, measured decode tokens/s or {}, the model in that dtype) for generation:
-    auto picks the dtype whose decode step is faster here (decode_rates; the pin applies)."""
+    auto picks the dtype whose decode step is faster here (decode_rates; the pin applies), after a
+    square-matmul check that skips the timing where bf16 is hopeless (DECODE_FLOOR)."""
     pinned = os.environ.get(ENV, "") if precision == "auto" else ""
     if precision == "auto" and not pinned:
+        device = next(model.parameters()).device
+        peaks = matmul_peaks(device)
+        if peaks["bf16"] < DECODE_FLOOR * peaks["fp32"]:
+            # bf16 without matrix units (here ~170x slower): no decode step makes that up, and
+            # timing one in bf16 would cost a large model minutes
+            return "fp32", {}, model.float()
         rates, models = decode_rates(model, rows)
         used = "bf16" if rates["bf16"] > rates["fp32"] else "fp32"
         return used, rates, models[used]

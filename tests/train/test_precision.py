@@ -99,6 +99,8 @@ def test_generation_times_its_own_decode_step(monkeypatch):
     from megads.model import Transformer
 
     monkeypatch.delenv(precision.ENV, raising=False)
+    # as on a chip where bf16 matmul is within DECODE_FLOOR of fp32 (this one's is not): time both
+    monkeypatch.setattr(precision, "matmul_peaks", lambda device="cpu", n_max=None: {"fp32": 1.0, "bf16": 0.5})
     cfg = load_config(preset_path("tiny"), ["model.num_layers=2"])
     torch.manual_seed(0)
     model = Transformer(cfg.model)
@@ -111,3 +113,15 @@ def test_generation_times_its_own_decode_step(monkeypatch):
     if used == "fp32":  # the fp32 model is the original, untouched: the same greedy tokens
         assert picked is model and torch.equal(picked.generate(x, max_new_tokens=4), want)
     assert precision.resolve_decode("fp32", model, 2)[:2] == ("fp32", {})  # explicit: nothing measured
+
+
+def test_generation_skips_timing_bf16_where_it_is_hopeless(monkeypatch):
+    from megads.config import load_config, preset_path
+    from megads.model import Transformer
+
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setattr(precision, "matmul_peaks", lambda device="cpu", n_max=None: {"fp32": 100.0, "bf16": 1.0})
+    monkeypatch.setattr(precision, "decode_rates", lambda *a, **k: pytest.fail("timed bf16 decode"))
+    model = Transformer(load_config(preset_path("tiny"), ["model.num_layers=1"]).model)
+    used, rates, picked = precision.resolve_decode("auto", model, rows=2)
+    assert (used, rates, picked) == ("fp32", {}, model)
