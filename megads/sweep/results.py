@@ -5,8 +5,8 @@ A resumed run logs the steps it redoes again, so the last record of each step co
 - final_train_loss: main-token loss (lm_loss: MTP and balance terms left out) averaged over the
   last 5% of steps (one step's loss is noisy); final_valid_loss: the last evaluation (the trainer
   evaluates at max_steps), main-token loss too.
-- tokens_per_s, mfu: medians over the steps after the first 10% (start-up and warm-up excluded).
-  mfu is rescaled to count the MTP modules' FLOPs, which the trainer's figure leaves out.
+- tokens_per_s, mfu: medians over the steps after the first 10% (start-up and warm-up excluded);
+  the trainer's mfu counts the MTP modules' FLOPs and is against the measured peak of its dtype.
 - expert_load_max_over_mean: the busiest expert's load over the mean (the worst MoE layer of the
   step's global batch), averaged over the last quarter of the steps; 1.0 is perfect balance.
 - flops: training FLOPs = (flops_per_token + mtp_flops_per_token) x tokens, from model-info at the
