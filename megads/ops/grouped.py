@@ -51,7 +51,7 @@ def _eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torc
 # ------------------------------------------------------------ the op torch.compile sees
 @torch.library.custom_op("megads::grouped_linear", mutates_args=())
 def _grouped_linear_op(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return _eager(x, weight, offsets).clone()  # a fresh tensor (custom ops may not return an alias)
+    return _eager(x, weight, offsets)  # always a new tensor (never a view of an input)
 
 
 @_grouped_linear_op.register_fake
@@ -65,7 +65,7 @@ def _grouped_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Te
     """(dx, dweight) of y = grouped_linear(x, weight, offsets): dx = the same grouped product with
     each weight transposed; dweight[e] = dy[rows of e]^T x[rows of e] (zero for an expert with no
     rows)."""
-    dx = _eager(dy, weight.transpose(1, 2).contiguous(), offsets).clone()
+    dx = _eager(dy, weight.transpose(1, 2).contiguous(), offsets)
     dw = torch.zeros_like(weight)
     bounds = offsets.tolist()
     for e in range(weight.shape[0]):

@@ -246,7 +246,8 @@ class Pipeline:
             self._results[i] = self._collect(out, self.batches[i])
             return torch.zeros((), device=self.device)
         loss, mets = self.objective.loss_of(out, self.batches[i], self.denom)
-        self._sums += torch.stack([torch.as_tensor(mets[k], dtype=torch.float64).detach().cpu() for k in self.keys])
+        self._sums += torch.stack([torch.as_tensor(mets[k], dtype=torch.float64).detach().to(self.device)
+                                   for k in self.keys])
         return loss
 
     # ------------------------------------------------------------------ per step
@@ -263,7 +264,7 @@ class Pipeline:
             self._build(batches[0])
         self.batches, self.denom, self.training = batches, denom, train
         self.calls = [self.objective.model_call(b, denom) for b in batches]
-        self._sums = torch.zeros(len(self.keys), dtype=torch.float64)
+        self._sums = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)  # read once per step
         self._results, self._collect = [None] * self.n_micro, collect or self.objective.eval_of
         self._seen, self._counts = 0, {}
         for s in self.stages:

@@ -31,9 +31,10 @@ def _sync(device: torch.device) -> None:
 
 def matmul_rate(dtype: torch.dtype, device: torch.device | str = "cpu", n_max: int | None = None,
                 min_s: float = 0.02, reps: int = 3) -> float:
-    """FLOP/s of a square matmul in `dtype`: n doubles from 256 until one product takes `min_s`
-    (or n reaches n_max), then the best of `reps` at that n. Bounded in time where a dtype is slow
-    (bf16 without AMX runs at ~1 GFLOP/s on some CPUs: n stays at 256)."""
+    """FLOP/s of a square matmul in `dtype`: each n from 256 up (doubling) is timed up to `reps`
+    times, best kept, until a product takes `min_s` or n reaches n_max; the last n's rate is the
+    answer. Bounded in time where a dtype is slow (bf16 without AMX runs at ~1 GFLOP/s on some
+    CPUs: n stays at 256)."""
     device = torch.device(device)
     n_max = n_max or (8192 if device.type == "cuda" else 2048)
     n = 256
