@@ -150,6 +150,18 @@ class MPU:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
+def without_shm_op() -> None:
+    """DeepSpeed's CPU back end JIT-builds a shared-memory all-reduce op whenever it sets up its
+    communication (~35 s the first time, in ~/.cache/torch_extensions) and maps 69 MB per rank in
+    /dev/shm that it never unlinks: every run leaks that RAM, and a start killed mid-build leaves a
+    lock on which every later start waits forever. The op serves only `inference_all_reduce`,
+    which megads never calls, so it is switched off (DeepSpeed then uses torch.distributed's
+    all-reduce). Called before anything that may set up DeepSpeed's communication."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> tuple[int, int]:
     """Start torch.distributed from whatever launched us: the DeepSpeed launcher, torchrun,
     mpiexec (mpi4py discovery) or a plain `python` (a world of one, no process group).
@@ -173,6 +185,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> tuple[i
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     import deepspeed
 
+    without_shm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi,
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                timeout=datetime.timedelta(seconds=timeout_s), verbose=False)

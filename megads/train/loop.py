@@ -51,6 +51,7 @@ class Trainer:
         training settings. stop: the signal handler asked at the end of every step."""
         import deepspeed
 
+        pstate.without_shm_op()
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1

@@ -30,13 +30,24 @@ def run_layout(world: int, tp: int, out: Path, extra: list[str]) -> dict:
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   LOCAL_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
         log = open(out / f"log{r}", "w")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), "--tp", str(tp), "--ep", "1", "--zero", "0",
                                        "--out", str(out)] + [a for e in extra for a in ("--set", e)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT)))
-    codes = [p.wait(timeout=300) for p in procs]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert codes == [0] * world, (codes, (out / "log0").read_text()[-3000:])
+    # With LOCAL_SIZE set (as the DeepSpeed launcher does), DeepSpeed's CPU shared-memory
+    # all-reduce op would leave a 69 MB buffer per rank in /dev/shm, named by the port; megads
+    # switches it off (megads.parallel.state.without_shm_op)
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        assert not [f for f in os.listdir(shm) if f.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in f]
     return torch.load(out / "result.pt")
 
 
