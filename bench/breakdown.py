@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from megads.config import load_model_preset
     from megads.model import Transformer
     from megads.model.cache import new_cache
-    from megads.runtime.precision import DTYPES, resolve
+    from megads.runtime.precision import DTYPES, cast_params, resolve
 
     used, peaks = resolve(args.precision)
     dtype = DTYPES[used]
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     cfg.mtp_depth, cfg.seq_aux_alpha = 0, 0.0
     cfg.max_seq_len = max(cfg.max_seq_len, args.prompt + 8, args.seq)
     torch.manual_seed(0)
-    model = Transformer(cfg).to(dtype)
+    model = cast_params(Transformer(cfg), dtype)
     timer = Timer(model)
     g = torch.Generator().manual_seed(1)
     toks = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
@@ -231,10 +231,11 @@ def compiled_vs_eager(cfg, dtype, toks, reps):
     against the same model eager, interleaved, best of reps; the first compiled call is timed
     separately (compilation)."""
     from megads.model import Transformer
+    from megads.runtime.precision import cast_params
 
     torch.manual_seed(0)
-    eager = Transformer(cfg).to(dtype)
-    comp = Transformer(cfg).to(dtype)
+    eager = cast_params(Transformer(cfg), dtype)
+    comp = cast_params(Transformer(cfg), dtype)
     comp.load_state_dict(eager.state_dict())
     comp.compile_blocks()
 

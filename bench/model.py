@@ -103,11 +103,12 @@ def main(argv=None) -> int:
         a, b = ours.eval()(x), theirs.eval()(x).logits
     agree = ((a - b).abs().max() / b.abs().max()).item()
     assert agree < 1e-4, f"megads and transformers disagree (rel err {agree:.2e})"
-    from megads.runtime.precision import DTYPES, resolve
+    from megads.runtime.precision import DTYPES, cast_params, resolve
 
     name, peaks = resolve(args.dtype)  # auto: train.precision auto's choice; both peaks measured
     dt = DTYPES[name]
-    ours.to(dt)  # both sides in the same dtype (bf16: weights, activations and caches)
+    cast_params(ours, dt)  # both sides in the same dtype (bf16: weights, activations and caches; ours
+    # keeps its float32 rope and router-bias buffers, as under DeepSpeed's bf16)
     theirs.to(dt)
     peak = matmul_peak(mm, dt)
 

@@ -318,6 +318,9 @@ class GRPOConfig:
     tasks: str = ""  # builtin task generator (megads.rl.tasks) when data.paths is empty
     eval_prompts: int = 128  # held-out prompts decoded greedily at each eval
     reward_modules: list = field(default_factory=list)  # modules imported first: they register their own rewards
+    # rollouts and held-out sampling: auto (the faster decode step, measured) | train (the policy as
+    # trained) | fp32 | bf16; another dtype than training's keeps a copy of this rank's weights
+    rollout_precision: str = "auto"
 
     def validate(self, where: str = "grpo") -> None:
         from megads.rl.loss import AGGREGATIONS
@@ -326,6 +329,8 @@ class GRPOConfig:
         _nonneg(self, where, ["temperature", "beta", "eps_low", "eps_high"])
         if not 0.0 < self.top_p <= 1.0:
             _bad(where, "top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.rollout_precision not in ("auto", "train", "fp32", "bf16"):
+            _bad(where, "rollout_precision", f"must be auto, train, fp32 or bf16, got {self.rollout_precision!r}")
         if self.template not in ("r1-zero", "chat", "none"):
             _bad(where, "template", f"must be r1-zero, chat or none, got {self.template!r}")
         if self.aggregation not in AGGREGATIONS:

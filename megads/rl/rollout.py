@@ -56,6 +56,32 @@ class StopStrings:
         return out
 
 
+class RolloutCopy:
+    """The policy in another dtype for sampling (grpo.rollout_precision): a model of the same
+    layout whose weights and buffers (router biases) are copied from the policy, cast, before each
+    use. The trainer recomputes the "old" log-probs in its own precision, so the loss never mixes
+    dtypes; the sampler's differ from them by the rounding of the rollout dtype
+    (rollout/logp_max_diff)."""
+
+    def __init__(self, policy, copy):
+        self.policy, self.model = policy, copy.eval().requires_grad_(False)
+        self.pairs = list(zip(self._tensors(copy), self._tensors(policy)))
+        for dst, src in self.pairs:
+            if dst.shape != src.shape:
+                raise ValueError(f"rollout copy: shape {tuple(dst.shape)} != policy {tuple(src.shape)}")
+
+    @staticmethod
+    def _tensors(m) -> list:
+        return [p for p in m.parameters()] + [b for b in m.buffers() if b.is_floating_point()]
+
+    @torch.no_grad()
+    def synced(self):
+        """The copy, with the policy's current weights."""
+        for dst, src in self.pairs:
+            dst.copy_(src)
+        return self.model
+
+
 def completion_text(tok, ids: list[int], stops: list[str], eos_id: int | None) -> str:
     if eos_id is not None and eos_id in ids:
         ids = ids[:ids.index(eos_id)]

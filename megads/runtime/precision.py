@@ -89,59 +89,98 @@ def resolve(precision: str, device: torch.device | str = "cpu", group=None) -> t
 
 
 @torch.no_grad()
-def decode_rates(model, rows: int, steps: int = 3, prompt: int = 8) -> tuple[dict[str, float], dict]:
-    """Tokens/s of `model`'s own decode step at `rows` rows in fp32 and in bf16 (a short random
-    prompt, then the best of `steps` cached steps), and the models: ({'fp32': .., 'bf16': ..},
-    {'fp32': model, 'bf16': a bf16 copy}). The whole step is timed, because proxies mislead:
-    on an EPYC here a 4-row linear runs 4x faster in bf16 while the decode step (per-expert
-    products of one row, attention over the cache) runs 2.6x slower."""
-    import copy
+def cast_params(model, dtype: torch.dtype):
+    """`model` with its parameters in `dtype` and its float32 buffers (rope inverse frequencies,
+    router biases) kept in float32, as DeepSpeed's mixed precision casts a module: a blanket
+    `.to(bfloat16)` would round the inverse frequencies to 8 bits (rope angles off by radians at
+    long positions) and the router biases to steps coarser than their update speed."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
 
+
+@torch.no_grad()
+def decode_step_rate(model, rows: int, steps: int = 3, prompt: int = 8) -> float:
+    """Tokens/s of `model`'s own cached decode step at `rows` rows, in the dtype of its weights: a
+    short random prompt, then the best of `steps` single-token steps. Every rank of a tensor- or
+    expert-parallel model must call it together (its forwards hold collectives)."""
     from megads.model.cache import new_cache
 
     device = next(model.parameters()).device
-    models = {"fp32": model.float(), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    dtype = next(model.parameters()).dtype
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, model.cfg.vocab_size, (rows, prompt), generator=g).to(device)
-    rates = {}
-    for name, m in models.items():
-        was = m.training
-        m.eval()
-        cache = new_cache(m.cfg, rows, prompt + steps + 1, dtype=DTYPES[name], device=device)
-        m(x, cache=cache)
-        best = float("inf")
-        for _ in range(steps):
-            _sync(device)
-            t = time.perf_counter()
-            m(x[:, -1:], cache=cache)
-            _sync(device)
-            best = min(best, time.perf_counter() - t)
-        m.train(was)
-        rates[name] = rows / best
-    return rates, models
+    was = model.training
+    model.eval()
+    cache = new_cache(model.cfg, rows, prompt + steps + 1, dtype=dtype, device=device)
+    model(x, cache=cache)
+    best = float("inf")
+    for _ in range(steps):
+        _sync(device)
+        t = time.perf_counter()
+        model(x[:, -1:], cache=cache)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    model.train(was)
+    return rows / best
+
+
+def decode_rates(model, rows: int, steps: int = 3, prompt: int = 8) -> tuple[dict[str, float], dict]:
+    """Tokens/s of `model`'s own decode step at `rows` rows in fp32 and in bf16, and the models:
+    ({'fp32': .., 'bf16': ..}, {'fp32': model, 'bf16': a bf16 copy}). The whole step is timed,
+    because proxies mislead: on an EPYC here a 4-row linear runs 4x faster in bf16 while the
+    decode step (per-expert products of one row, attention over the cache) runs 2.6x slower."""
+    import copy
+
+    models = {"fp32": cast_params(model, torch.float32), "bf16": cast_params(copy.deepcopy(model), torch.bfloat16)}
+    return {name: decode_step_rate(m, rows, steps, prompt) for name, m in models.items()}, models
+
+
+def choose_decode(precision: str, peaks: dict[str, float], time_both=None, group=None) -> tuple[str, str]:
+    """(fp32 | bf16, why) for decoding (generation, GRPO rollouts) under a configured
+    `auto | fp32 | bf16`. auto: the pin if set; fp32 without timing where bf16 matmul is under
+    DECODE_FLOOR of fp32's (`peaks`, measured); else `time_both()` -> {'fp32': tok/s, 'bf16':
+    tok/s} of the real decode step, and the faster wins. In a multi-rank run rank 0's choice is
+    broadcast over `group` (every rank calls this, and time_both, together)."""
+    import torch.distributed as dist
+
+    if precision != "auto":
+        return precision, "configured"
+    pinned = os.environ.get(ENV, "")
+    if pinned:
+        if pinned not in DTYPES:
+            from megads.errors import ConfigError
+
+            raise ConfigError(f"{ENV}: must be fp32 or bf16, got {pinned!r}")
+        return pinned, f"pinned by {ENV}"
+    if peaks["bf16"] < DECODE_FLOOR * peaks["fp32"]:
+        return "fp32", (f"measured: bf16 matmul {peaks['bf16'] / 1e9:,.0f} GFLOP/s is under a tenth of "
+                        f"fp32's {peaks['fp32'] / 1e9:,.0f}; decode not timed")
+    rates = time_both()
+    pick = torch.tensor([1 if rates["bf16"] > rates["fp32"] else 0])
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.broadcast(pick, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    used = "bf16" if int(pick) else "fp32"
+    return used, f"measured decode step: fp32 {rates['fp32']:,.0f}, bf16 {rates['bf16']:,.0f} tok/s"
 
 
 def resolve_decode(precision: str, model, rows: int):
-    """(fp32 | bf16, measured decode tokens/s or {}, the model in that dtype) for generation:
-    auto picks the dtype whose decode step is faster here (decode_rates; the pin applies), after a
-    square-matmul check that skips the timing where bf16 is hopeless (DECODE_FLOOR)."""
-    pinned = os.environ.get(ENV, "") if precision == "auto" else ""
-    if precision == "auto" and not pinned:
-        device = next(model.parameters()).device
-        peaks = matmul_peaks(device)
-        if peaks["bf16"] < DECODE_FLOOR * peaks["fp32"]:
-            # bf16 without matrix units (here ~170x slower): no decode step makes that up, and
-            # timing one in bf16 would cost a large model minutes
-            return "fp32", {}, model.float()
-        rates, models = decode_rates(model, rows)
-        used = "bf16" if rates["bf16"] > rates["fp32"] else "fp32"
-        return used, rates, models[used]
-    used = pinned or precision
-    if used not in DTYPES:
-        from megads.errors import ConfigError
+    """(fp32 | bf16, measured decode tokens/s or {}, the model in that dtype) for generation in
+    one process: choose_decode, timing `model`'s decode step in both dtypes where auto has to."""
+    measured = {}
 
-        raise ConfigError(f"{ENV}: must be fp32 or bf16, got {used!r}")
-    return used, {}, model.to(DTYPES[used])
+    def time_both():
+        rates, models = decode_rates(model, rows)
+        measured.update(rates=rates, models=models)
+        return rates
+
+    auto = precision == "auto" and not os.environ.get(ENV)
+    peaks = matmul_peaks(next(model.parameters()).device) if auto else {}
+    used, _ = choose_decode(precision, peaks, time_both)
+    if measured:
+        return used, measured["rates"], measured["models"][used]
+    return used, {}, cast_params(model, DTYPES[used])
 
 
 def describe(configured: str, used: str, peaks: dict[str, float], threads: int | None = None) -> str:

@@ -64,6 +64,7 @@ class GRPOObjective(Objective):
         self._rollout_metrics = {}
         self._prompt_cache: dict[int, list[int]] = {}
         self.ref_model = None
+        self.sampler = None  # RolloutCopy where rollouts decode in another dtype than training's
 
     # ------------------------------------------------------------------ data
     def datasets(self, loop):
@@ -111,11 +112,52 @@ class GRPOObjective(Objective):
         self.order = rng.permutation(len(loop.train_ds))
         notes = [f"grpo: {prompts} prompts x G={g.group_size} per rollout, mu={g.iterations}, "
                  f"rewards {g.rewards}, beta={g.beta}"]
+        notes.append(self._setup_sampler(loop, (prompts // loop.dp) * g.group_size))
         if g.beta > 0:
             self.ref_model = loop._build_model().to(loop.device).eval()
             self.ref_model.requires_grad_(False)
             notes.append("reference model: the initial weights, frozen, same layout")
         return "; ".join(notes)
+
+    def _setup_sampler(self, loop, rows: int) -> str:
+        """grpo.rollout_precision: the dtype rollouts and held-out sampling decode in. Another
+        dtype than the policy's own keeps a copy of this rank's weights in it (RolloutCopy), filled
+        from the policy before each use. auto times the decode step of both at the rollout's rows
+        (every rank together: TP/EP forwards hold collectives; rank 0's choice is broadcast)."""
+        from megads.rl.rollout import RolloutCopy
+        from megads.runtime import precision
+
+        trained = next(loop.model.parameters()).dtype
+        own = "bf16" if trained == torch.bfloat16 else "fp32"
+        setting = self.cfg.grpo.rollout_precision
+        self.sampler = None
+        if setting == "train":
+            return f"rollouts in {own} (the policy as trained)"
+        other = "fp32" if own == "bf16" else "bf16"
+        copies = {}
+
+        def build():
+            if other not in copies:
+                with torch.random.fork_rng(devices=[]):  # building reseeds: keep the run's RNG streams
+                    state = np.random.get_state()
+                    m = precision.cast_params(loop._build_model(), precision.DTYPES[other])
+                    np.random.set_state(state)
+                copies[other] = RolloutCopy(loop.model, m)
+            return copies[other]
+
+        def time_both():
+            rates = {own: precision.decode_step_rate(loop.model, rows),
+                     other: precision.decode_step_rate(build().synced(), rows)}
+            return rates
+
+        used, why = precision.choose_decode(setting, loop.peaks, time_both)
+        if used != own:
+            self.sampler = build()
+        return f"rollouts in {used} ({why}{'; a copy of the weights in ' + used if used != own else ''})"
+
+    def _sampling_model(self, loop):
+        """The model rollouts and evaluation decode with: the policy, or its synced copy."""
+        return self.sampler.synced() if self.sampler is not None else loop.model
 
     def _prompt_ids(self, ds, i: int) -> list[int]:
         from megads.rl.tasks import render_prompt
@@ -164,7 +206,7 @@ class GRPOObjective(Objective):
         if dist.is_initialized() and loop.world > 1:
             dist.all_reduce(width, op=dist.ReduceOp.MAX)  # the same padded rows in every layout
         gens = row_generators(t.seed, cycle, [(first + j, k) for j in range(P_local) for k in range(G)])
-        model = loop.model
+        model = self._sampling_model(loop)
         ro = sample_groups(model, self.tokenizer, prompts, G, max_new_tokens=g.max_new_tokens,
                            temperature=g.temperature, top_p=g.top_p, stops=list(g.stop), generators=gens,
                            sync=True, device=loop.device, pad_to=int(width.item()))
@@ -333,11 +375,12 @@ class GRPOObjective(Objective):
         per = max(1, self.cfg.train.micro_batch_size * 8)
         rounds = -(-((n + loop.dp - 1) // loop.dp) // per)
         sums = {}
+        model = self._sampling_model(loop)
         for r in range(rounds):
             idx = mine[r * per:(r + 1) * per]
             real = len(idx)
             idx = (idx or [0]) + [(idx or [0])[-1]] * (per - len(idx or [0]))
-            ro = sample_groups(loop.model, self.tokenizer, [self._prompt_ids(ds, i) for i in idx], 1,
+            ro = sample_groups(model, self.tokenizer, [self._prompt_ids(ds, i) for i in idx], 1,
                                max_new_tokens=g.max_new_tokens, temperature=0.0, stops=list(g.stop), sync=True,
                                device=loop.device)
             names = {"accuracy": 1.0, "format": 1.0}
