@@ -158,6 +158,36 @@ def test_stop_tokens_end_rows():
     assert torch.equal(early[:, S], new[:, 0]) and (early[:, S + 1:] == pad).all()
 
 
+def test_finish_checked_every_k_steps_gives_the_same_output(monkeypatch):
+    """generate(finish_check=k) reads 'all finished?' on the host every k steps only (the
+    accelerator default is 16): tokens, log-probs, entropies and lengths equal every-step checks."""
+    from megads.model import generate as gen_mod
+
+    cfg = cfg_for()
+    model = make(cfg, seed=5).eval()
+    B, S, N = 4, 4, 11
+    tokens = torch.randint(1, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(6))
+    free = model.generate(tokens, max_new_tokens=N)[:, S:]
+    stops = [int(t) for t in free[:, 2]]  # every row stops by its third token (greedy)
+    calls = []
+    real = gen_mod._all_finished
+    monkeypatch.setattr(gen_mod, "_all_finished", lambda f, s: calls.append(1) or real(f, s))
+    outs = {}
+    for k in (1, 4):
+        calls.clear()
+        for temperature in (0.0, 1.0):
+            gens = [torch.Generator().manual_seed(10 + b) for b in range(B)]
+            outs[k, temperature] = gen_mod.generate(model, tokens, max_new_tokens=N, temperature=temperature,
+                                                    stop_tokens=stops, pad_token_id=0, generator=gens,
+                                                    return_logprobs=True, finish_check=k)
+        outs[k, "reads"] = len(calls)
+    for temperature in (0.0, 1.0):
+        for a, b in zip(outs[1, temperature], outs[4, temperature]):
+            assert torch.equal(a, b)
+    assert outs[1, 0.0][3].max() <= 3  # greedy: every row ended within 3 tokens
+    assert outs[4, "reads"] < outs[1, "reads"]
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def test_top_p_only_samples_inside_the_nucleus():
