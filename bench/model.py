@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-new", type=int, default=None, help="tokens decoded (default 32)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "auto"),
                    help="both models' weights (and caches); auto: what train.precision auto picks here")
+    p.add_argument("--int8", action="store_true",
+                   help="also decode with megads' weight-only int8 copy (megads generate --weights int8)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
@@ -145,6 +147,14 @@ def main(argv=None) -> int:
         "ours": (ours, lambda: ours.generate(prompt, max_new_tokens=dn)),
         "theirs": (theirs, lambda: theirs.generate(prompt, max_new_tokens=dn, min_new_tokens=dn, **gen_kw)),
     }
+    if args.int8:
+        import copy
+
+        from megads.model.quant import quantize_int8
+
+        q8 = copy.deepcopy(ours)
+        quantize_int8(q8)
+        runs["int8"] = (q8, lambda: q8.generate(prompt, max_new_tokens=dn))
     prefill = {k: float("inf") for k in runs}
     steps_t = {k: [] for k in runs}
     outs = {}
@@ -194,6 +204,13 @@ def main(argv=None) -> int:
         (f"KV cache bytes/token ({name}, all layers)", f"{cache_ours:,}", f"{cache_theirs:,.0f}",
          f"{cache_ours / cache_theirs:.2f}x", "<= 1x"),
     ]
+    if args.int8:
+        dec_q8, med_q8 = db / min(steps_t["int8"]), db / statistics.median(steps_t["int8"])
+        agree8 = (outs["int8"][:, dp:] == outs["ours"][:, dp:]).float().mean().item()
+        rows += [(f"decode tokens/s, megads int8 weights (B={db})", f"{dec_q8:,.1f}", f"{dec_theirs:,.1f}",
+                  f"{dec_q8 / dec_theirs:.2f}x ({dec_q8 / dec_ours:.2f}x megads {name})", ""),
+                 ("  (median step)", f"{med_q8:,.1f}", f"{med_theirs:,.1f}", f"{med_q8 / med_theirs:.2f}x", ""),
+                 ("  greedy tokens equal to megads' own", f"{100 * agree8:.0f}%", "", "", "")]
     head = ("metric", "megads", "transformers", "megads/peer", "target")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     print(f"load average before/after: {load0[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; "

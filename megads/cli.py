@@ -71,6 +71,11 @@ def _cmd_generate(args) -> int:
     if rates:
         print(f"precision {used} (measured decode: fp32 {rates['fp32']:,.0f}, bf16 {rates['bf16']:,.0f} tokens/s)",
               file=sys.stderr)
+    if args.weights == "int8":
+        from megads.model.quant import quantize_int8
+
+        saved = quantize_int8(model)
+        print(f"weights int8 (weight-only; {saved / 2**20:,.1f} MiB saved)", file=sys.stderr)
     from megads.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir(weights, args.tokenizer))
@@ -334,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="weights and cache dtype; auto (default): the one whose decode step, timed here at start, "
                          "is faster")
+    sp.add_argument("--weights", choices=("full", "int8"), default="full",
+                    help="int8: weight-only int8 projections and experts (one scale per output row; faster "
+                         "for a few prompts where the decode step is memory-bound; default full)")
     sp.set_defaults(func=_cmd_generate)
 
     for mod in ("megads.hf", "megads.data.cli", "megads.sweep.cli"):

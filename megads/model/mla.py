@@ -21,7 +21,7 @@ from megads.config import ModelConfig
 from megads.model.cache import LayerCache
 from megads.model.norm import RMSNorm
 from megads.model.rope import apply_rope, softmax_scale
-from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp, linear,
+from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp, project,
                                     group_size, scaled_init_std)
 
 
@@ -65,14 +65,14 @@ class MLA(nn.Module):
     def _project(self, x, cos, sin):
         """x [B, S, D] -> q_nope [B,S,h,nope], q_pe [B,S,h,rope], c_kv [B,S,c], k_pe [B,S,rope]."""
         if self.cfg.q_lora_rank:
-            q = self.wq_b(self.q_norm(linear(self._gather_seq(x), self.wq_a.weight)))
+            q = self.wq_b(self.q_norm(project(self.wq_a, self._gather_seq(x))))
         else:
             q = self.wq(x)
         B, S = q.shape[:2]
         q = q.view(B, S, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        kv = linear(self._gather_seq(x), self.wkv_a.weight)
+        kv = project(self.wkv_a, self._gather_seq(x))
         c_kv, k_pe = kv.split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe, cos, sin)  # [B, S, rope], shared by every head

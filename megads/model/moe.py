@@ -89,6 +89,12 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x_sorted [N, D] rows grouped by expert (offsets [E+1]) -> [N, D]."""
+        if getattr(self, "w1_int8", None) is not None:  # megads.model.quant.quantize_int8 (decoding)
+            from megads.model.quant import grouped_int8
+
+            g1 = grouped_int8(x_sorted, self.w1_int8, self.w1_scale, offsets)
+            h = F.silu(g1) * grouped_int8(x_sorted, self.w3_int8, self.w3_scale, offsets)
+            return grouped_int8(h, self.w2_int8, self.w2_scale, offsets)
         w1, w2, w3 = self.w1, self.w2, self.w3
         if self.partial_group is not None:
             w1, w2, w3 = (copy_to_tp(w, self.partial_group) for w in (w1, w2, w3))

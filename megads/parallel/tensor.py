@@ -168,6 +168,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x W^T with the module's weight, or its int8 copy after megads.model.quant.quantize_int8."""
+    if getattr(module, "weight_int8", None) is not None:
+        from megads.model.quant import int8_linear
+
+        return int8_linear(x, module.weight_int8, module.weight_scale)
+    return linear(x, module.weight)
+
+
 def _init_weight(w: torch.Tensor, std: float) -> None:
     nn.init.normal_(w, mean=0.0, std=std)
 
@@ -196,7 +205,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sp(x, self.tp_group, dim=1)
         else:
             x = copy_to_tp(x, self.tp_group)
-        y = linear(x, self.weight)
+        y = project(self, x)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
@@ -221,7 +230,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
-        y = linear(x, self.weight)
+        y = project(self, x)
         if self.sequence_parallel:
             return reduce_scatter_to_sp(y, self.tp_group, dim=1)
         return reduce_from_tp(y, self.tp_group)

@@ -60,3 +60,12 @@ def test_generate_precision(reference, capsys):
     assert generate(capsys, "--checkpoint", str(out / "final"), "--precision", "fp32") == final  # auto is pinned to fp32 here
     bf16 = generate(capsys, "--checkpoint", str(out / "final"), "--precision", "bf16")  # bf16 weights and cache
     assert bf16.count("--- prompt") == 2
+
+
+def test_generate_int8_weights(reference, capsys):
+    out, _, _ = reference
+    code = main(["generate", "--checkpoint", str(out / "final"), "--weights", "int8", "--prompt", "def alpha",
+                 "--prompt", "class", "--max-new-tokens", "6"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err[-3000:]
+    assert cap.out.count("--- prompt") == 2 and "weights int8 (weight-only;" in cap.err and "MiB saved" in cap.err
