@@ -7,9 +7,11 @@ drops the float weight; activations and everything else keep their dtype. The pr
 torch's int8-weight kernel (`torch._weight_int8pack_mm`, bf16 activations in, cast back), where
 the device has it; elsewhere the weight is widened per call (correct, not faster).
 
-Measured on this CPU (EPYC, 2 cores; bench/RESULTS.md): the kernel beats an fp32 product 1.3-2.6x
-at 1-4 rows and loses at 16 or more, so int8 is for small-batch decoding, not for rollouts of 64
-rows. Left in float: the embedding (a lookup), the router (float32 by design), MLA's kv
+Measured on this CPU (EPYC, 2 cores; `python bench/int8.py`, bench/RESULTS.md): for matrices of
+~0.5M values and more the kernel beats the fp32 product 1.3-5x at 1-4 rows and loses at 16 or
+more rows; for smaller ones (the `small` preset's experts, its q/kv projections) its fixed cost
+makes it slower even at one row, so matrices under `min_elements` stay float. int8 is for
+decoding a few rows, not for rollouts of 64. Left in float: the embedding (a lookup), the router (float32 by design), MLA's kv
 up-projection (its weight is read directly by the absorbed attention) and MTP (unused when
 decoding). Training never sees int8 weights: a quantized model is for inference only.
 """
@@ -74,10 +76,14 @@ def _quantize_param(module: nn.Module, name: str, keep: bool) -> int:
     return w.numel() * w.element_size() - q.numel() - s.numel() * 4
 
 
+MIN_ELEMENTS = 1 << 19  # smaller matrices stay float: the kernel's fixed cost beats the bytes saved
+
+
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> int:
-    """Quantize `model`'s projection and expert weights in place (see the module docstring).
-    Returns the bytes of weights saved. The model is put in eval mode and must stay there."""
+def quantize_int8(model: nn.Module, min_elements: int = MIN_ELEMENTS) -> int:
+    """Quantize `model`'s projection and expert weights of at least `min_elements` values per
+    matrix (an expert's [out, in] counts alone) in place (see the module docstring). Returns the
+    bytes of weights saved. The model is put in eval mode and must stay there."""
     from megads.model.mla import MLA
     from megads.model.moe import Experts
     from megads.parallel.tensor import ColumnParallelLinear, RowParallelLinear
@@ -91,8 +97,9 @@ def quantize_int8(model: nn.Module) -> int:
         if id(m) in skip:
             continue
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear, nn.Linear)):
-            saved += _quantize_param(m, "weight", keep=id(m.weight) in shared)
-        elif isinstance(m, Experts):
+            if m.weight.numel() >= min_elements:
+                saved += _quantize_param(m, "weight", keep=id(m.weight) in shared)
+        elif isinstance(m, Experts) and m.w1[0].numel() >= min_elements:
             for name in ("w1", "w2", "w3"):
                 saved += _quantize_param(m, name, keep=False)
     model.quantized = "int8"

@@ -59,7 +59,7 @@ def test_quantized_model_keeps_what_must_stay_float_and_decodes_alike():
         ref_logits = model(x)
         ref_tokens = model.generate(x, max_new_tokens=10)
     before = sum(p.numel() * p.element_size() for p in model.parameters())
-    saved = quantize_int8(model)
+    saved = quantize_int8(model, min_elements=0)  # this model's matrices are all small
     after = sum(p.numel() * p.element_size() for p in model.parameters())
     assert saved == before - after - sum(b.numel() * b.element_size() for n, b in model.named_buffers()
                                          if n.endswith(("_int8", "_scale")))
@@ -79,3 +79,25 @@ def test_quantized_model_keeps_what_must_stay_float_and_decodes_alike():
     # greedy decoding: the first new token (where both see the same prompt) agrees, most later ones do
     assert torch.equal(tokens[:, 12], ref_tokens[:, 12])
     assert (tokens[:, 12:] == ref_tokens[:, 12:]).float().mean() > 0.6
+
+
+def test_small_matrices_stay_float():
+    """min_elements: a projection is quantized exactly when its weight has that many values (an
+    expert stack when one expert's matrix has)."""
+    from megads.model.moe import Experts
+    from megads.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+    torch.manual_seed(0)
+    model = Transformer(_cfg()).eval()
+    lins = [m for n, m in model.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear,
+                                                                 torch.nn.Linear))
+            and not n.startswith("mtp") and not n.endswith("wkv_b")]
+    want = {id(m): m.weight.numel() >= 4096 for m in lins}
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    want.update({id(m): m.w1[0].numel() >= 4096 for m in experts})
+    assert any(want.values()) and not all(want.values())  # this threshold splits the model
+    quantize_int8(model, min_elements=4096)
+    for m in lins:
+        assert hasattr(m, "weight_int8") == want[id(m)] == (not hasattr(m, "weight") or m.weight is None)
+    for m in experts:
+        assert hasattr(m, "w1_int8") == want[id(m)]
