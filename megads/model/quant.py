@@ -11,9 +11,10 @@ Measured on this CPU (EPYC, 2 cores; `python bench/int8.py`, bench/RESULTS.md): 
 ~0.5M values and more the kernel beats the fp32 product 1.3-5x at 1-4 rows and loses at 16 or
 more rows; for smaller ones (the `small` preset's experts, its q/kv projections) its fixed cost
 makes it slower even at one row, so matrices under `min_elements` stay float. int8 is for
-decoding a few rows, not for rollouts of 64. Left in float: the embedding (a lookup), the router (float32 by design), MLA's kv
-up-projection (its weight is read directly by the absorbed attention) and MTP (unused when
-decoding). Training never sees int8 weights: a quantized model is for inference only.
+decoding a few rows, not for rollouts of 64. Left in float: the embedding (a lookup), the router
+(float32 by design), MLA's kv up-projection (its weight is read directly by the absorbed
+attention) and MTP (unused when decoding). Training never sees int8 weights: a quantized model
+is for inference only.
 """
 from __future__ import annotations
 
@@ -102,5 +103,4 @@ def quantize_int8(model: nn.Module, min_elements: int = MIN_ELEMENTS) -> int:
         elif isinstance(m, Experts) and m.w1[0].numel() >= min_elements:
             for name in ("w1", "w2", "w3"):
                 saved += _quantize_param(m, name, keep=False)
-    model.quantized = "int8"
     return saved
