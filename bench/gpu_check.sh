@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-GPU check of the native MoE ops (under 8 minutes): build the CUDA flavour of megads._C,
-# run tests/ops on the GPU (and CPU), time the ops against the torch path on the GPU, and run
-# the parallel == single-process equivalence test on NCCL with one rank per GPU.
+# One-GPU check (under 12 minutes): build the CUDA flavour of megads._C, run tests/ops on the GPU
+# (and CPU), time the ops against the torch path on the GPU, check the CUDA-graph decode step,
+# measure training MFU of the ~1B-active gpu-1b preset against the card's measured peak
+# (bench/gpu_mfu.py, compiled blocks) and run the parallel == single-process equivalence test on
+# NCCL with one rank per GPU.
 #
 #   bash bench/gpu_check.sh            # uses .venv/bin/python if present, else python
 #   PY=/path/to/python bash bench/gpu_check.sh
@@ -31,6 +33,12 @@ timeout 180 "$PY" -m pytest -q -x tests/ops
 step "benchmark on the GPU (torch path vs native)"
 timeout 60 "$PY" bench/ops.py --device cuda
 timeout 60 "$PY" bench/ops.py --device cuda --dtype bfloat16 --no-layer
+
+step "fixed-shape decode: the CUDA-graph step against the plain step (tests/model/test_static_decode.py)"
+timeout 120 "$PY" -m pytest -q -rs tests/model/test_static_decode.py
+
+step "training MFU of the gpu-1b preset (compiled blocks, auto precision, native kernels) and CUDA-graph decode"
+timeout 300 "$PY" bench/gpu_mfu.py
 
 step "parallel == single process on NCCL, as many ranks as GPUs (tests/parallel/test_equivalence.py)"
 NGPU=$(nvidia-smi -L | wc -l)

@@ -71,7 +71,14 @@ def main(argv=None) -> int:
                    help="both models' weights (and caches); auto: what train.precision auto picks here")
     p.add_argument("--int8", action="store_true",
                    help="also decode with megads' weight-only int8 copy (megads generate --weights int8)")
+    p.add_argument("--decode-modes", default="",
+                   help="also decode with these fixed-shape step modes of megads.model.static, comma-separated "
+                        "(static, compile)")
     args = p.parse_args(argv)
+    modes = [m for m in args.decode_modes.split(",") if m]
+    for m in modes:
+        if m not in ("static", "compile"):
+            p.error(f"--decode-modes: {m!r} is not one of static, compile (graph needs CUDA; this bench runs on CPU)")
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
 
@@ -82,6 +89,7 @@ def main(argv=None) -> int:
     from megads.config import load_model_preset
     from megads.model import MLACache, Transformer
     from megads.model.info import flops_per_token
+    from megads.model.static import StaticDecode
 
     hf_logging.set_verbosity_error()
     if args.quick:
@@ -155,6 +163,8 @@ def main(argv=None) -> int:
         q8 = copy.deepcopy(ours)
         quantize_int8(q8)
         runs["int8"] = (q8, lambda: q8.generate(prompt, max_new_tokens=dn))
+    for m in modes:
+        runs[m] = (ours, lambda m=m: ours.generate(prompt, max_new_tokens=dn, decode=m))
     prefill = {k: float("inf") for k in runs}
     steps_t = {k: [] for k in runs}
     outs = {}
@@ -163,17 +173,28 @@ def main(argv=None) -> int:
             for key, (model, gen) in runs.items():
                 stamps = [time.perf_counter()]
                 inner = model.forward
+                static_step = key in modes  # the prefill is a forward call, the steps StaticDecode calls
 
-                def stamped(*a, _inner=inner, _stamps=stamps, **k):
+                def stamped(*a, _inner=inner, _stamps=stamps, _once=static_step, **k):
                     out = _inner(*a, **k)
-                    _stamps.append(time.perf_counter())
+                    if not torch.compiler.is_compiling() and not (_once and len(_stamps) > 1):
+                        _stamps.append(time.perf_counter())
                     return out
 
                 model.forward = stamped
+                step_call = StaticDecode.__call__
+                if static_step:
+                    def stamped_step(self, *a, _stamps=stamps, **k):
+                        out = step_call(self, *a, **k)
+                        _stamps.append(time.perf_counter())
+                        return out
+
+                    StaticDecode.__call__ = stamped_step
                 try:
                     outs[key] = gen()
                 finally:
                     del model.forward  # back to the class's forward
+                    StaticDecode.__call__ = step_call
                 prefill[key] = min(prefill[key], stamps[1] - stamps[0])
                 steps_t[key] += [b - a for a, b in zip(stamps[1:], stamps[2:])]
         same_tokens = bool(torch.equal(outs["ours"], outs["theirs"]))
@@ -211,6 +232,13 @@ def main(argv=None) -> int:
                   f"{dec_q8 / dec_theirs:.2f}x ({dec_q8 / dec_ours:.2f}x megads {name})", ""),
                  ("  (median step)", f"{med_q8:,.1f}", f"{med_theirs:,.1f}", f"{med_q8 / med_theirs:.2f}x", ""),
                  ("  greedy tokens equal to megads' own", f"{100 * agree8:.0f}%", "", "", "")]
+    for m in modes:
+        dec_m, med_m = db / min(steps_t[m]), db / statistics.median(steps_t[m])
+        same_m = bool(torch.equal(outs[m], outs["ours"]))
+        rows += [(f"decode tokens/s, megads decode={m} (B={db})", f"{dec_m:,.1f}", f"{dec_theirs:,.1f}",
+                  f"{dec_m / dec_theirs:.2f}x ({dec_m / dec_ours:.2f}x megads default)", ""),
+                 ("  (median step)", f"{med_m:,.1f}", f"{med_theirs:,.1f}", f"{med_m / med_theirs:.2f}x", ""),
+                 ("  greedy tokens equal to megads default", str(same_m), "", "", "")]
     head = ("metric", "megads", "transformers", "megads/peer", "target")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     print(f"load average before/after: {load0[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus; "

@@ -76,6 +76,12 @@ def _cmd_generate(args) -> int:
 
         saved = quantize_int8(model)
         print(f"weights int8 (weight-only; {saved / 2**20:,.1f} MiB saved)", file=sys.stderr)
+    if args.decode not in ("auto", "eager"):
+        from megads.model.static import graph_support
+
+        why = graph_support(model)
+        if why:
+            raise MegadsError(f"--decode {args.decode}: no fixed-shape decode step for this model: {why}")
     from megads.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir(weights, args.tokenizer))
@@ -97,7 +103,7 @@ def _cmd_generate(args) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     out = model.generate(batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
-                         attention_mask=mask, pad_token_id=pad, generator=gen)
+                         attention_mask=mask, pad_token_id=pad, generator=gen, decode=args.decode)
     for i, p in enumerate(prompts):
         new = [t for t in out[i, S:].tolist() if t != pad]
         print(f"--- prompt {i}: {p!r}\n{p}{tok.decode(new)}")
@@ -342,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weights", choices=("full", "int8"), default="full",
                     help="int8: weight-only int8 projections and experts (one scale per output row; faster "
                          "for a few prompts where the decode step is memory-bound; default full)")
+    sp.add_argument("--decode", choices=("auto", "eager", "static", "compile"), default="auto",
+                    help="how each decode step runs: eager (auto's choice on CPU); static (fixed shapes); compile "
+                         "(fixed shapes through torch.compile: faster steps after tens of seconds of compiling, for "
+                         "long generations)")
     sp.set_defaults(func=_cmd_generate)
 
     for mod in ("megads.hf", "megads.data.cli", "megads.sweep.cli"):

@@ -321,6 +321,9 @@ class GRPOConfig:
     # rollouts and held-out sampling: auto (the faster decode step, measured) | train (the policy as
     # trained) | fp32 | bf16; another dtype than training's keeps a copy of this rank's weights
     rollout_precision: str = "auto"
+    # how each decode step runs (megads.model.static): auto (a CUDA graph on CUDA where the model
+    # allows it, else eager) | eager | static | compile (torch.compile'd once per process) | graph
+    rollout_decode: str = "auto"
 
     def validate(self, where: str = "grpo") -> None:
         from megads.rl.loss import AGGREGATIONS
@@ -331,6 +334,8 @@ class GRPOConfig:
             _bad(where, "top_p", f"must be in (0, 1], got {self.top_p}")
         if self.rollout_precision not in ("auto", "train", "fp32", "bf16"):
             _bad(where, "rollout_precision", f"must be auto, train, fp32 or bf16, got {self.rollout_precision!r}")
+        if self.rollout_decode not in ("auto", "eager", "static", "compile", "graph"):
+            _bad(where, "rollout_decode", f"must be auto, eager, static, compile or graph, got {self.rollout_decode!r}")
         if self.template not in ("r1-zero", "chat", "none"):
             _bad(where, "template", f"must be r1-zero, chat or none, got {self.template!r}")
         if self.aggregation not in AGGREGATIONS:

@@ -15,7 +15,7 @@ from megads.config import (PRESET_DIR, Config, ConfigError, ModelConfig, load_co
 from megads.model.info import model_info
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = ["tiny", "small", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"]
+PRESETS = ["tiny", "small", "gpu-1b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -33,19 +33,29 @@ class LayerCache:
         self.pe = torch.zeros(batch, max_len, rope, dtype=dtype, device=device)
         self.dtype = dtype
 
-    def write(self, start: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
-        """Store latents kv [B, S, kv_lora] and rope keys pe [B, S, rope] at [start, start+S)."""
-        end = start + kv.shape[1]
+    def write(self, start, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Store latents kv [B, S, kv_lora] and rope keys pe [B, S, rope] at [start, start+S).
+
+        start: an int, or a long tensor [S] of the positions on the cache's device (no host value:
+        the fixed-shape decode step of megads.model.static, replayed as a CUDA graph)."""
+        if isinstance(start, torch.Tensor):
+            def put(dst, src):
+                dst.index_copy_(1, start, src)
+        else:
+            end = start + kv.shape[1]
+
+            def put(dst, src):
+                dst[:, start:end] = src
         if self.quant is None:
-            self.kv[:, start:end] = kv.to(self.kv.dtype)
+            put(self.kv, kv.to(self.kv.dtype))
         else:
             qmax = 127.0 if self.quant == "int8" else 448.0
             amax = kv.detach().float().abs().amax(-1, keepdim=True).clamp_min(1e-8)
             scale = amax / qmax
             q = kv.detach().float() / scale
-            self.kv[:, start:end] = q.round().clamp(-127, 127).to(torch.int8) if self.quant == "int8" else q.to(_FP8)
-            self.scale[:, start:end] = scale
-        self.pe[:, start:end] = pe.to(self.pe.dtype)
+            put(self.kv, q.round().clamp(-127, 127).to(torch.int8) if self.quant == "int8" else q.to(_FP8))
+            put(self.scale, scale)
+        put(self.pe, pe.to(self.pe.dtype))
 
     def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents [B, end, kv_lora] and rope keys [B, end, rope] in the cache dtype."""

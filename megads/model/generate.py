@@ -54,7 +54,7 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
              top_p: float = 1.0, stop_tokens=(), attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, cache_quant: str | None = None, naive: bool = False,
              generator: torch.Generator | None = None, return_logprobs: bool = False, stop_fn=None,
-             sync: bool = False, finish_check: int | None = None):
+             sync: bool = False, finish_check: int | None = None, decode: str = "auto"):
     """tokens int64 [B, S] (left-padded) -> [B, S + max_new_tokens].
 
     Finished rows (a stop token was produced) are filled with pad_token_id (or their stop token).
@@ -65,6 +65,10 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     step on CPU, where the read costs nothing, every 16 on an accelerator, where it is a device
     sync). Finished rows only ever receive the fill token, so the output is the same for any
     value; a larger one may run up to finish_check - 1 needless steps at the end.
+    decode: how each step runs: "eager" (attention over the filled cache positions), "static",
+    "compile" or "graph" (the fixed-shape step of megads.model.static: eager, torch.compile'd, or
+    a CUDA graph replayed each step), or "auto": "graph" on CUDA where the model allows it
+    (megads.model.static.graph_support), else "eager".
     """
     if finish_check is None:
         finish_check = 1 if tokens.device.type == "cpu" else 16
@@ -84,6 +88,7 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     stop = torch.tensor(list(stop_tokens), dtype=tokens.dtype, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = pad_token_id if pad_token_id is not None else (int(stop[0]) if len(stop) else 0)
+    step = _decode_step(model, cache, mask, decode, naive)
     logits = model(tokens, positions=positions, cache=cache, attention_mask=mask[:, :S], naive=naive)[:, -1]
     next_pos = positions[:, -1] + 1
     n_done = 0
@@ -112,8 +117,11 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
         if t == max_new_tokens - 1:
             break
         mask[:, S + t] = True
-        logits = model(nxt.unsqueeze(1), positions=next_pos.unsqueeze(1), cache=cache,
-                       attention_mask=mask[:, :S + t + 1], naive=naive)[:, -1]
+        if step is not None:
+            logits = step(nxt, next_pos, S + t)
+        else:
+            logits = model(nxt.unsqueeze(1), positions=next_pos.unsqueeze(1), cache=cache,
+                           attention_mask=mask[:, :S + t + 1], naive=naive)[:, -1]
         next_pos = next_pos + 1
     if n_done < max_new_tokens:
         out[:, S + n_done:] = fill
@@ -121,6 +129,19 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     if return_logprobs:
         return out, logps, ents, lengths
     return out
+
+
+def _decode_step(model, cache, mask, decode: str, naive: bool):
+    """The fixed-shape step object for `decode` (None: the plain step)."""
+    from megads.model import static
+
+    if decode == "auto":
+        decode = "eager" if naive or static.graph_support(model, cache, mask.device) else "graph"
+    if decode == "eager":
+        return None
+    if decode not in static.MODES:
+        raise ValueError(f"decode must be 'auto', 'eager' or one of {static.MODES}, got {decode!r}")
+    return static.StaticDecode(model, cache, mask, decode)
 
 
 def _all_finished(finished: torch.Tensor, sync: bool) -> bool:

@@ -97,6 +97,16 @@ class MLA(nn.Module):
         B, S = q_nope.shape[:2]
         if cache is None:
             out = self._attend_full(q_nope, q_pe, c_kv, k_pe, attn_mask)
+        elif isinstance(start, torch.Tensor):
+            # the fixed-shape decode step (megads.model.static): write at the positions `start`
+            # (a device tensor), attend over the whole cache; attn_mask [B, max_len] keeps the
+            # filled, unpadded positions, so one token's causal mask is the mask itself
+            if S != 1 or naive or attn_mask is None:
+                raise ValueError("a cache position given as a tensor is for one-token absorbed decode steps with a mask")
+            cache.write(start, c_kv, k_pe)
+            kv_all, pe_all = cache.read(cache.kv.shape[1])
+            out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype),
+                                        attn_mask.bool().view(B, 1, 1, -1))
         elif start == 0 and S > 1 and not naive:
             # prefill: causal SDPA over the prompt (expanded keys), then keep only the latents
             cache.write(0, c_kv, k_pe)

@@ -237,7 +237,8 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
                 naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False,
-                local_logits: bool = False, temperature: float = 1.0, loss_from: int = 0, stage: dict | None = None):
+                local_logits: bool = False, temperature: float = 1.0, loss_from: int = 0, stage: dict | None = None,
+                cache_index: torch.Tensor | None = None):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -259,9 +260,19 @@ class Transformer(nn.Module):
         running balance loss, "layers": the block indices of this stage, "last": whether it ends
         the model}. A stage that is not the last returns (h, balance loss so far); the last one
         returns what the call returns, its balance loss including the earlier stages'.
+
+        cache_index (with a cache, one token per row, positions and attention_mask [B, max_len]
+        given): a long tensor [1] on the device, the cache position to write; attention runs over
+        the whole cache under the mask and `cache.length` is left to the caller. Every shape and
+        host-side argument is then the same at each step (megads.model.static: CUDA graphs,
+        compilation without recompiles).
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
+        if cache_index is not None:
+            if cache is None or positions is None:
+                raise ValueError("cache_index needs a cache and explicit positions")
+            start = cache_index
         naive = naive or bool(cache is not None and cache.naive)
         if positions is None:
             positions = torch.arange(start, start + S, device=tokens.device)
@@ -292,7 +303,7 @@ class Transformer(nn.Module):
             aux_total = aux_total + aux
         if stage is not None and not stage["last"]:
             return h, aux_total
-        if cache is not None:
+        if cache is not None and cache_index is None:
             cache.advance(S)
         hn = self.norm(h)
         if local_logits:

@@ -118,7 +118,8 @@ def run_rejection(config_path, overrides, force: bool = False) -> int:
             gens = row_generators(r.seed, 0, [(i, j) for i in idx for j in range(r.num_samples)])
             ro = sample_groups(model, tok, [render_prompt(tok, tasks[i]["prompt"], g.template) for i in idx],
                                r.num_samples, max_new_tokens=g.max_new_tokens, temperature=r.temperature,
-                               top_p=r.top_p, stops=list(g.stop), generators=gens, sync=True, device=device)
+                               top_p=r.top_p, stops=list(g.stop), generators=gens, sync=True, device=device,
+                               decode=g.rollout_decode)
             n_tokens += int(ro.completion_mask[:real * r.num_samples].sum())
             N = r.num_samples
             rows = [tasks[i] for i in idx[:real] for _ in range(N)]

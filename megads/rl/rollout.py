@@ -102,10 +102,11 @@ def row_generators(seed: int, step: int, keys: list[tuple[int, int]]) -> list[to
 @torch.no_grad()
 def sample_groups(model, tok, prompts: list[list[int]], G: int, *, max_new_tokens: int, temperature: float,
                   top_p: float = 1.0, stops: list[str] = (), generators=None, sync: bool = True,
-                  device=None, stop_fn=None, pad_to: int = 0) -> Rollout:
+                  device=None, stop_fn=None, pad_to: int = 0, decode: str = "auto") -> Rollout:
     """G completions of each prompt (prompt-major: rows p*G .. p*G+G-1 are prompt p's group).
     pad_to: left-pad the prompts to at least this width (the trainer passes the longest prompt
-    over all ranks, so every layout builds the same rows)."""
+    over all ranks, so every layout builds the same rows). decode: generate's step mode
+    (grpo.rollout_decode)."""
     device = device or next(model.parameters()).device
     pad = tok.pad_id if tok.pad_id is not None else 0
     rows = [ids for ids in prompts for _ in range(G)]
@@ -121,7 +122,8 @@ def sample_groups(model, tok, prompts: list[list[int]], G: int, *, max_new_token
     t0 = time.perf_counter()
     out, logps, ent, lengths = generate(model, tokens, max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_p=top_p, stop_tokens=stop_ids, attention_mask=pmask, pad_token_id=pad,
-                                        generator=generators, return_logprobs=True, stop_fn=stop_fn, sync=sync)
+                                        generator=generators, return_logprobs=True, stop_fn=stop_fn, sync=sync,
+                                        decode=decode)
     seconds = time.perf_counter() - t0
     T = max_new_tokens
     cmask = torch.arange(T, device=device).unsqueeze(0) < lengths.unsqueeze(1)

@@ -153,6 +153,22 @@ def test_grpo_resume_inside_mu_steps_equals_uninterrupted(arith_tok, grpo_run, t
     assert got[3] == pytest.approx(want[3], rel=1e-6, abs=1e-9)
 
 
+def test_grpo_with_the_fixed_shape_decode_step_equals_the_plain_step(arith_tok, grpo_run, tmp_path):
+    """grpo.rollout_decode=static (rollouts and held-out sampling through megads.model.static):
+    the same completions, rewards and losses as the default (eager on CPU)."""
+    r = run_megads(*_grpo_args(arith_tok, tmp_path, 2, ["grpo.rollout_decode=static"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = {x["step"]: x for x in _records(grpo_run) if "loss" in x}
+    got = {x["step"]: x for x in _records(tmp_path) if "loss" in x}
+    assert sorted(got) == [1, 2]
+    for step in (1, 2):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5, abs=1e-7)
+    for k in ("reward/total", "rollout/length_mean", "rollout/truncated"):
+        assert got[1][k] == want[1][k], k
+    evals = [x for x in _records(tmp_path) if "valid_accuracy" in x]
+    assert evals and evals[0]["valid_format"] == [x for x in _records(grpo_run) if "valid_accuracy" in x][0]["valid_format"]
+
+
 def test_rejection_sample_writes_chat_jsonl_and_stats(arith_tok, grpo_run, tmp_path):
     out = tmp_path / "traces.jsonl"
     sets = [f"rejection.checkpoint={grpo_run / 'final'}", "rejection.tasks=arith", "rejection.max_prompts=6",
@@ -184,7 +200,8 @@ def test_rejection_sample_writes_chat_jsonl_and_stats(arith_tok, grpo_run, tmp_p
 @pytest.mark.parametrize("bad, key", [(["grpo.temperature=0"], "grpo.temperature"),
                                       (["train.global_batch_size=6"], "train.global_batch_size"),
                                       (["grpo.aggregation=mean"], "grpo.aggregation"),
-                                      (["grpo.rewards={nosuch: 1.0}"], "nosuch")])
+                                      (["grpo.rewards={nosuch: 1.0}"], "nosuch"),
+                                      (["grpo.rollout_decode=fast"], "grpo.rollout_decode")])
 def test_grpo_config_errors_are_one_line(arith_tok, tmp_path, bad, key):
     r = run_megads(*_grpo_args(arith_tok, tmp_path, 2, bad))
     assert r.returncode == 2, r.stderr[-2000:]

@@ -69,3 +69,10 @@ def test_generate_int8_weights(reference, capsys):
     cap = capsys.readouterr()
     assert code == 0, cap.err[-3000:]
     assert cap.out.count("--- prompt") == 2 and "weights int8 (weight-only;" in cap.err and "MiB saved" in cap.err
+
+
+def test_generate_decode_modes(reference, capsys):
+    """--decode static (the fixed-shape step) gives the default's greedy text."""
+    out, _, _ = reference
+    final = generate(capsys, "--checkpoint", str(out / "final"))
+    assert generate(capsys, "--checkpoint", str(out / "final"), "--decode", "static") == final

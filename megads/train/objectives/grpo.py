@@ -209,7 +209,7 @@ class GRPOObjective(Objective):
         model = self._sampling_model(loop)
         ro = sample_groups(model, self.tokenizer, prompts, G, max_new_tokens=g.max_new_tokens,
                            temperature=g.temperature, top_p=g.top_p, stops=list(g.stop), generators=gens,
-                           sync=True, device=loop.device, pad_to=int(width.item()))
+                           sync=True, device=loop.device, pad_to=int(width.item()), decode=g.rollout_decode)
         t1 = time.perf_counter()
         rows = [s for s in samples for _ in range(G)]
         total, per = rewards.score(ro.texts, rows, dict(g.rewards), default_lang=g.lang, workers=g.reward_workers)
@@ -382,7 +382,7 @@ class GRPOObjective(Objective):
             idx = (idx or [0]) + [(idx or [0])[-1]] * (per - len(idx or [0]))
             ro = sample_groups(model, self.tokenizer, [self._prompt_ids(ds, i) for i in idx], 1,
                                max_new_tokens=g.max_new_tokens, temperature=0.0, stops=list(g.stop), sync=True,
-                               device=loop.device)
+                               device=loop.device, decode=g.rollout_decode)
             names = {"accuracy": 1.0, "format": 1.0}
             names.update({k: 1.0 for k in g.rewards})
             _, per_r = rewards.score(ro.texts[:real], [ds[i] for i in idx[:real]], names, default_lang=g.lang,
