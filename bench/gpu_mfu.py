@@ -2,8 +2,9 @@
 tokens/s of the plain step against the CUDA-graph step (bench/gpu_check.sh runs it on the GPU).
 
 Training: the `gpu-1b` preset (~1B activated, ~2.8B total parameters), the dtype that
-`train.precision: auto` picks on the device (bf16 autocast over fp32 weights and fused AdamW
-state where bf16 matmul is faster: the router and softmax stay fp32), every block through
+`train.precision: auto` picks on the device (where bf16 matmul is faster: as DeepSpeed's bf16 mode,
+the model in bf16 with fp32 master weights and fused-AdamW state, the router and the attention
+softmax of decoding in fp32, float32 buffers kept), every block through
 torch.compile (`--no-compile`: eager), the native MoE kernels where they are built. MFU = model
 FLOPs per token (megads.model.info: 3 x forward, causal attention) x tokens/s / the dtype's
 measured torch.mm peak. Median step after the warm-up steps (compilation).
@@ -36,7 +37,7 @@ def train_mfu(args, device) -> dict:
     from megads.config import load_model_preset
     from megads.model import Transformer
     from megads.model.info import flops_per_token, param_counts
-    from megads.runtime.precision import DTYPES, resolve
+    from megads.runtime.precision import DTYPES, cast_params, resolve
 
     cfg = load_model_preset(args.preset)
     cfg.max_seq_len = max(cfg.max_seq_len, args.seq)
@@ -44,22 +45,32 @@ def train_mfu(args, device) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
+    params = list(model.parameters())
+    master = params
+    if name != "fp32":  # as DeepSpeed's bf16 mode: the model in bf16, fp32 master weights and state
+        cast_params(model, DTYPES[name])
+        master = [p.detach().float().clone() for p in params]
     if args.compile:
         model.compile_blocks()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(master, lr=1e-4, fused=True)
     g = torch.Generator(device="cpu").manual_seed(1)
     toks = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
     inp, lab = toks[:, :-1], toks[:, 1:]
-    autocast = torch.autocast(device.type, dtype=DTYPES[name], enabled=name != "fp32")
     times, losses = [], []
     for _ in range(args.steps + args.warmup):
         _sync(device)
         t0 = time.perf_counter()
-        with autocast:
-            loss = model(inp, labels=lab).loss
+        loss = model(inp, labels=lab).loss
         loss.backward()
+        if master is not params:
+            for m, p in zip(master, params):
+                m.grad, p.grad = p.grad.float(), None
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if master is not params:
+            with torch.no_grad():
+                for m, p in zip(master, params):
+                    p.copy_(m)
         _sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.detach())

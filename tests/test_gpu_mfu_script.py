@@ -22,3 +22,14 @@ def test_gpu_mfu_script_on_cpu():
     assert 0 < train["mfu"] < 1 and train["tokens_per_s"] > 0
     assert train["loss_first_last"][1] < train["loss_first_last"][0]  # 4 AdamW steps on one batch
     assert decode["same_tokens"] is True and decode["static_tokens_per_s"] > 0
+
+
+def test_gpu_mfu_script_bf16_master_weights_on_cpu():
+    """The bf16 path the GPU takes (bf16 model, fp32 master weights and AdamW state) trains too."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "bench/gpu_mfu.py", "--device", "cpu", "--preset", "tiny", "--seq", "32",
+                        "--batch", "2", "--steps", "2", "--warmup", "1", "--no-compile", "--precision", "bf16",
+                        "--skip-decode"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads(r.stdout.strip().splitlines()[-1])
+    assert train["dtype"] == "bf16" and train["loss_first_last"][1] < train["loss_first_last"][0]
