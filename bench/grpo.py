@@ -72,7 +72,7 @@ def run_megads(out: Path, hf_dir: Path, tok_dir: str, a, steps: int) -> list[dic
             f"train.lr={LR:.1e}", f"train.min_lr={LR:.1e}", "train.warmup_steps=0", "train.weight_decay=0.0",
             f"train.max_steps={steps}", f"train.output_dir={out}", "train.progress=false",
             "train.save_interval=100000", "train.eval_interval=100000", "train.tensorboard=false",
-            "parallel.zero_stage=0", "train.samples_at_end=0"]
+            "parallel.zero_stage=0", "train.samples_at_end=0", f"grpo.rollout_decode={a.rollout_decode}"]
     cmd = [sys.executable, "-m", "megads", "train", CONFIG, *[x for s in sets for x in ("--set", s)],
            "--resume", "none"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(a.threads))  # the loop honours it
@@ -186,6 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads of both sides (default: all cores, what `megads train` takes); on a "
                         "machine shared with another busy process use fewer: oversubscribed OpenMP stalls")
+    p.add_argument("--rollout-decode", default="auto", choices=("auto", "eager", "static", "compile"),
+                   help="megads's grpo.rollout_decode (compile: the decode step through torch.compile, compiled "
+                        "in the first, dropped, steps)")
     a = p.parse_args(argv)
     q = a.quick
     a.prompts = a.prompts or (4 if q else 8)
@@ -301,7 +304,8 @@ def main(argv=None) -> int:
           f"trl {trl.__version__} ({impl}, no vLLM); logits agree to {agree:.1e} rel")
     print(f"per step: {a.prompts} prompts x G={a.group_size} = {n} completions, prompts {min(plen)}-{max(plen)} "
           f"tokens (R1-Zero template, arith), max_new_tokens {a.max_new_tokens}, micro-batch {a.micro_batch} "
-          f"(x{n // a.micro_batch} accumulation), one optimizer step, beta 0; "
+          f"(x{n // a.micro_batch} accumulation), one optimizer step, beta 0, megads rollout_decode "
+          f"{a.rollout_decode}; "
           f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     for r in [head] + rows:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
