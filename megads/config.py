@@ -410,6 +410,19 @@ class Config:
             if g.max_new_tokens >= t.seq_len:
                 _bad("grpo", "max_new_tokens", f"must be < train.seq_len ({t.seq_len}: prompt + completion), "
                      f"got {g.max_new_tokens}")
+        decode = self.grpo.rollout_decode
+        if decode in ("static", "compile", "graph"):  # megads.model.static.graph_support, known before any rank starts
+            why = ("parallel.tp > 1" if self.parallel.tp > 1 else "parallel.ep > 1" if self.parallel.ep > 1
+                   else "parallel.pp > 1" if self.parallel.pp > 1 else "model.attention mha"
+                   if self.model.attention == "mha" else None)
+            if why:
+                _bad("grpo", "rollout_decode", f"{decode} needs the whole MLA model in each process, not {why}; "
+                     f"use auto or eager")
+            if decode == "graph":
+                import torch
+
+                if not torch.cuda.is_available():
+                    _bad("grpo", "rollout_decode", "graph needs CUDA, and torch sees no GPU; use auto")
         if self.train.stage == "distill" and not self.distill.teacher:
             _bad("distill", "teacher", "train.stage distill needs a teacher model directory")
         if self.model.num_heads % self.parallel.tp:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megads.cli import main
 from megads.config import (PRESET_DIR, Config, ConfigError, ModelConfig, load_config, load_model_preset,
@@ -169,7 +170,23 @@ BAD = {
     "wrong_bool": ("model:\n  norm_topk_prob: maybe\n", "norm_topk_prob"),
     "odd_rope": ("model:\n  qk_rope_head_dim: 7\n", "qk_rope_head_dim"),
     "negative": ("train:\n  lr: -1\n", "lr"),
+    # the fixed-shape decode step needs the whole MLA model in each process (megads.model.static)
+    "decode_tp": ("model:\n  preset: tiny\nparallel:\n  tp: 2\ngrpo:\n  rollout_decode: compile\n",
+                  "grpo.rollout_decode: compile needs the whole MLA model in each process, not parallel.tp > 1"),
+    "decode_ep": ("model:\n  preset: tiny\nparallel:\n  ep: 2\ngrpo:\n  rollout_decode: static\n",
+                  "not parallel.ep > 1"),
+    "decode_mha": ("model:\n  preset: tiny\n  attention: mha\ngrpo:\n  rollout_decode: static\n",
+                   "not model.attention mha"),
 }
+
+
+def test_rollout_decode_graph_needs_cuda():
+    if torch.cuda.is_available():
+        assert load_config("tiny", ["grpo.rollout_decode=graph"]).grpo.rollout_decode == "graph"
+    else:
+        with pytest.raises(ConfigError, match="grpo.rollout_decode: graph needs CUDA"):
+            load_config("tiny", ["grpo.rollout_decode=graph"])
+    assert load_config("tiny", ["grpo.rollout_decode=static"]).grpo.rollout_decode == "static"
 
 
 def _check_user_error(code: int, err: str, *needles: str) -> None:
