@@ -46,6 +46,13 @@ def graph_support(model, cache=None, device=None) -> str | None:
         return "a pipeline stage holds part of the model"
     if device is not None and torch.device(device).type != "cuda":
         return "CUDA graphs need a CUDA device"
+    if device is not None and model.moe_layers():
+        from megads import ops
+        from megads.ops import native
+
+        if ops.backend() != "native" or not native.has_kernels(device):
+            # the torch routing path sizes its counts with bincount, a host read on CUDA
+            return "the MoE ops run the torch path here (build megads._C with its CUDA kernels)"
     return None
 
 
@@ -74,7 +81,7 @@ class StaticDecode:
             raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
         if mode == "graph" and mask.device.type != "cuda":
             raise ValueError("decode mode 'graph' needs a CUDA device")
-        why = graph_support(model, cache)
+        why = graph_support(model, cache, mask.device if mode == "graph" else None)
         if why is not None:
             raise ValueError(f"no fixed-shape decode step: {why}")
         if mask.shape[1] != cache.max_len:
@@ -116,8 +123,18 @@ class StaticDecode:
             out = self._run()
         else:
             if self._graph is None:
-                self._capture()
-            self._graph.replay()
-            out = self._out
+                try:
+                    self._capture()
+                except RuntimeError as e:  # an op that reads the host or allocates outside the pool
+                    import warnings
+
+                    warnings.warn(f"decode step not captured as a CUDA graph, running it eagerly: {e}")
+                    self.mode, self._graph = "static", None
+                    torch.cuda.synchronize()
+            if self._graph is not None:
+                self._graph.replay()
+                out = self._out
+            else:
+                out = self._run()
         self.cache.length = index + 1
         return out

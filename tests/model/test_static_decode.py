@@ -125,3 +125,22 @@ def test_cuda_graph_step_equals_the_plain_step():
     auto = model.generate(tokens, max_new_tokens=9, attention_mask=mask, decode="auto")
     assert torch.equal(got[0], ref[0]) and torch.equal(auto, ref[0])
     torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-4)
+
+
+def test_graph_support_names_the_torch_moe_path_on_a_device_without_native_kernels(monkeypatch):
+    """On CUDA the torch routing path reads the host (bincount): such a model is refused for
+    graphs (auto falls back to the plain step) unless the native kernels serve that device."""
+    from megads.ops import native
+
+    model = make(cfg_for(mtp_depth=0))
+    monkeypatch.setattr(native, "has_kernels", lambda device: False)
+    # a device string is only parsed, so "cuda" can be named on a machine without one
+    assert graph_support(model, None, "cuda") == ("the MoE ops run the torch path here "
+                                                   "(build megads._C with its CUDA kernels)")
+    monkeypatch.setattr(native, "has_kernels", lambda device: True)
+    from megads import ops
+
+    if ops.backend() == "native":  # the native library loaded (as CI builds it)
+        assert graph_support(model, None, "cuda") is None
+    dense = make(cfg_for(mtp_depth=0, n_routed_experts=0, first_k_dense=2))
+    assert graph_support(dense, None, "cuda") is None
