@@ -26,8 +26,9 @@ def graph_support(model, cache=None, device=None) -> str | None:
     """Why the fixed-shape step cannot run for this model (None where it can): the MHA baseline's
     cache, a naive cache, int8 weights (their grouped product reads the expert offsets on the host),
     a model split over tensor- or expert-parallel ranks (expert all-to-all sizes are host values;
-    collectives are not captured here) or a pipeline stage; with `device`, also a device that is not
-    CUDA (for the "graph" mode). Data-parallel replicas, each with the whole model, can use it."""
+    collectives are not captured here) or a pipeline stage; with `device` (the "graph" mode), also
+    a device that is not CUDA, or MoE ops that would take the torch path there (its bincount reads
+    the host). Data-parallel replicas, each with the whole model, can use it."""
     cfg = model.cfg
     if cfg.attention == "mha":
         return "the MHA baseline's cache has no fixed-shape step"
