@@ -18,8 +18,12 @@ class LayerCache:
 
     def __init__(self, batch, max_len, kv_lora, rope, dtype, device, quant: str | None):
         self.quant = quant
+        self.latent = None
         if quant is None:
-            self.kv = torch.zeros(batch, max_len, kv_lora, dtype=dtype, device=device)
+            # one buffer [B, max_len, kv_lora + rope]: kv and pe are views of it, so attention
+            # scores all heads against both parts in one batched matmul (MLA._attend_absorbed)
+            self.latent = torch.zeros(batch, max_len, kv_lora + rope, dtype=dtype, device=device)
+            self.kv = self.latent[..., :kv_lora]
         elif quant == "int8":
             self.kv = torch.zeros(batch, max_len, kv_lora, dtype=torch.int8, device=device)
         elif quant == "float8":
@@ -30,7 +34,8 @@ class LayerCache:
             raise ValueError(f"quant must be None, 'int8' or 'float8', got {quant!r}")
         self.scale = (torch.ones(batch, max_len, 1, dtype=torch.float32, device=device)
                       if quant is not None else None)
-        self.pe = torch.zeros(batch, max_len, rope, dtype=dtype, device=device)
+        self.pe = (self.latent[..., kv_lora:] if self.latent is not None
+                   else torch.zeros(batch, max_len, rope, dtype=dtype, device=device))
         self.dtype = dtype
 
     def write(self, start, kv: torch.Tensor, pe: torch.Tensor) -> None:
@@ -64,6 +69,10 @@ class LayerCache:
         else:
             kv = (self.kv[:, :end].float() * self.scale[:, :end]).to(self.dtype)
         return kv, self.pe[:, :end]
+
+    def joint(self, end: int) -> torch.Tensor | None:
+        """[latent | rope key] rows [B, end, kv_lora + rope] of an unquantized cache, else None."""
+        return None if self.latent is None else self.latent[:, :end]
 
     def bytes_per_token(self) -> int:
         per = self.kv[0, 0].numel() * self.kv.element_size() + self.pe[0, 0].numel() * self.pe.element_size()

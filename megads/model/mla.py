@@ -106,7 +106,7 @@ class MLA(nn.Module):
             cache.write(start, c_kv, k_pe)
             kv_all, pe_all = cache.read(cache.kv.shape[1])
             out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype),
-                                        attn_mask.bool().view(B, 1, 1, -1))
+                                        attn_mask.bool().view(B, 1, 1, -1), cache.joint(cache.kv.shape[1]))
         elif start == 0 and S > 1 and not naive:
             # prefill: causal SDPA over the prompt (expanded keys), then keep only the latents
             cache.write(0, c_kv, k_pe)
@@ -118,7 +118,8 @@ class MLA(nn.Module):
             if naive:
                 out = self._attend_naive(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask)
             else:
-                out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask)
+                out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask,
+                                            cache.joint(start + S))
         return self.wo(out.reshape(B, S, self.n_heads * self.vdim))
 
     def _attend_full(self, q_nope, q_pe, c_kv, k_pe, key_mask):
@@ -146,16 +147,24 @@ class MLA(nn.Module):
         p = _masked_softmax(scores, mask).to(v.dtype)
         return torch.einsum("bhst,bthv->bshv", p, v)
 
-    def _attend_absorbed(self, q_nope, q_pe, kv, pe, mask):
-        """Absorbed decode: q_lat = q_nope W_UK (per head), out = (p . c_kv) W_UV."""
+    def _attend_absorbed(self, q_nope, q_pe, kv, pe, mask, joint=None):
+        """Absorbed decode: q_lat = q_nope W_UK (per head), out = (p . c_kv) W_UV.
+
+        joint: the cache's [c_kv | k_pe] rows [B, T, c + rope] (kv and pe are views of it), when
+        it holds them in the compute dtype: the scores are then one batched product."""
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.vdim, self.kv_lora)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [h, nope, c], [h, v, c]
         B, S = q_nope.shape[:2]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, h, c]
-        # one batched matmul over (S*h) query rows against the T cached latents
-        scores = torch.bmm(q_lat.reshape(B, S * self.n_heads, self.kv_lora), kv.transpose(1, 2))
-        scores = scores + torch.bmm(q_pe.reshape(B, S * self.n_heads, self.rope), pe.transpose(1, 2))
-        scores = scores.view(B, S, self.n_heads, -1).transpose(1, 2) * self.scale  # [B, h, S, T]
+        if joint is not None and joint.dtype == q_lat.dtype:
+            # [c_kv | k_pe] (T rows) times the (S*h) queries [q_lat | q_pe]: the T cached rows
+            # are the long side of the product (the faster order on CPU), transposed back after
+            q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).reshape(B, S * self.n_heads, -1)
+            scores = torch.bmm(joint, q.transpose(1, 2)).transpose(1, 2)  # [B, S*h, T]
+        else:  # one batched matmul over (S*h) query rows against the T cached latents
+            scores = torch.bmm(q_lat.reshape(B, S * self.n_heads, self.kv_lora), kv.transpose(1, 2))
+            scores = scores + torch.bmm(q_pe.reshape(B, S * self.n_heads, self.rope), pe.transpose(1, 2))
+        scores = scores.reshape(B, S, self.n_heads, -1).transpose(1, 2) * self.scale  # [B, h, S, T]
         p = _masked_softmax(scores, mask).to(kv.dtype)
         o_lat = torch.bmm(p.transpose(1, 2).reshape(B, S * self.n_heads, -1), kv)  # [B, S*h, c]
         o_lat = o_lat.view(B, S, self.n_heads, self.kv_lora)

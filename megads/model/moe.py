@@ -98,8 +98,7 @@ class Experts(nn.Module):
         w1, w2, w3 = self.w1, self.w2, self.w3
         if self.partial_group is not None:
             w1, w2, w3 = (copy_to_tp(w, self.partial_group) for w in (w1, w2, w3))
-        h = F.silu(ops.grouped_linear(x_sorted, w1, offsets)) * ops.grouped_linear(x_sorted, w3, offsets)
-        return ops.grouped_linear(h, w2, offsets)
+        return ops.grouped_swiglu(x_sorted, w1, w3, w2, offsets)
 
 
 class LocalDispatcher:

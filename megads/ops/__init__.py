@@ -11,7 +11,7 @@ import os
 import torch
 
 from megads.ops import reference
-from megads.ops.grouped import grouped_linear
+from megads.ops.grouped import grouped_linear, grouped_swiglu
 from megads.ops.reference import PermuteState, sequence_balance_loss, router_scores
 
 log = logging.getLogger(__name__)
@@ -89,5 +89,5 @@ def unpermute(y_sorted, weights, state):
     return _impl().unpermute(y_sorted, weights, state)
 
 
-__all__ = ["backend", "set_backend", "route", "permute", "unpermute", "grouped_linear", "PermuteState",
+__all__ = ["backend", "set_backend", "route", "permute", "unpermute", "grouped_linear", "grouped_swiglu", "PermuteState",
            "sequence_balance_loss", "router_scores", "reference"]

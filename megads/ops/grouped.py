@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -46,6 +47,51 @@ def _eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torc
     if not parts:
         return x.new_zeros(x.shape[0], weight.shape[1])
     return torch.cat(parts, 0)
+
+
+# decode batches on CPU whose rows per expert are few (B*k between these bounds): padding every
+# expert's rows to the busiest expert's count and running three batched matmuls beats the per-expert
+# products (bench/RESULTS.md, "Fourth session": 1.2x on the experts at B=64, k=4, 16 experts)
+PADDED_ROWS = (64, 512)
+
+
+def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                   offsets: torch.Tensor) -> torch.Tensor:
+    """Every expert's SwiGLU on its rows: silu(x W1[e]^T) * (x W3[e]^T) then W2[e]^T.
+
+    x: [N, in] rows sorted by expert (offsets [E+1]); w1/w3: [E, inter, in]; w2: [E, in, inter].
+    Without autograd on CPU, for mid-sized decode batches (PADDED_ROWS), the rows are laid out
+    padded [E, busiest expert's rows, in] for batched matmuls (an opaque op under torch.compile);
+    otherwise three grouped_linear calls."""
+    if not x.is_cuda and not torch.is_grad_enabled() and PADDED_ROWS[0] < x.shape[0] <= PADDED_ROWS[1]:
+        if torch.compiler.is_compiling():
+            return torch.ops.megads.padded_swiglu(x, w1, w3, w2, offsets)
+        return _padded_swiglu(x, w1, w3, w2, offsets)
+    h = F.silu(grouped_linear(x, w1, offsets)) * grouped_linear(x, w3, offsets)
+    return grouped_linear(h, w2, offsets)
+
+
+def _padded_swiglu(x, w1, w3, w2, offsets):
+    E, N = w1.shape[0], x.shape[0]
+    counts = offsets[1:] - offsets[:-1]
+    most = int(counts.max())  # the one host read
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)
+    slot = torch.arange(N, device=x.device) - offsets[:-1].repeat_interleave(counts, output_size=N)
+    xp = x.new_zeros(E, most, x.shape[1])
+    xp[expert, slot] = x
+    h = F.silu(torch.bmm(xp, w1.transpose(1, 2))) * torch.bmm(xp, w3.transpose(1, 2))
+    return torch.bmm(h, w2.transpose(1, 2))[expert, slot]
+
+
+@torch.library.custom_op("megads::padded_swiglu", mutates_args=())
+def _padded_swiglu_op(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                      offsets: torch.Tensor) -> torch.Tensor:
+    return _padded_swiglu(x, w1, w3, w2, offsets)
+
+
+@_padded_swiglu_op.register_fake
+def _(x, w1, w3, w2, offsets):
+    return x.new_empty(x.shape[0], w2.shape[1])
 
 
 # ------------------------------------------------------------ the op torch.compile sees

@@ -297,12 +297,14 @@ def test_cache_bytes_are_latent_plus_rope_key(dtype, size):
         model(torch.randint(0, cfg.vocab_size, (B, 1)), cache=cache)
     assert len(cache.layers) == cfg.num_layers
     tensors = _cache_tensors(cache)
-    # only the latent and the single rope key: never per-head keys/values
-    shapes = sorted(tuple(t.shape) for t in tensors)
-    assert shapes == sorted([(B, L, cfg.kv_lora_rank), (B, L, cfg.qk_rope_head_dim)] * cfg.num_layers)
+    # only the latent and the single rope key: never per-head keys/values (each layer keeps
+    # them in one buffer [B, L, kv_lora + rope], of which `kv` and `pe` are views)
+    views = sorted(tuple(t.shape) for layer in cache.layers for t in (layer.kv, layer.pe))
+    assert views == sorted([(B, L, cfg.kv_lora_rank), (B, L, cfg.qk_rope_head_dim)] * cfg.num_layers)
     assert all(t.dtype == dtype for t in tensors)
-    stored = sum(t.numel() * t.element_size() for t in tensors)
-    assert stored == B * L * cache.bytes_per_token()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert len(storages) == cfg.num_layers  # one allocation per layer, nothing else held
+    assert sum(storages.values()) == B * L * cache.bytes_per_token()
     # the cache holds the normalised latent that the layer computed
     layer0 = model.layers[0]
     h = model.embed(torch.zeros(1, 1, dtype=torch.long))
@@ -388,3 +390,22 @@ def test_mla_gradcheck_float64(q_lora):
     # every element of the input; all weights through random projections (fast mode: cheap on 2 cores)
     assert torch.autograd.gradcheck(lambda x: f(x, *params), (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_decode_row_linear_equals_f_linear():
+    """parallel.tensor.linear's W @ x^T form for decode-sized inputs (up to 32 rows, up to 128
+    without autograd) is x W^T: checked in float64 at each size, with its gradient."""
+    from megads.parallel.tensor import linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, dtype=torch.float64, generator=g)
+    for rows in (1, 32, 64, 128, 200):
+        x = torch.randn(rows // 4 or 1, 4 if rows >= 4 else rows, 16, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-12, atol=1e-12)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        linear(xg, wg).square().sum().backward()
+        x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (x2 @ w2.T).square().sum().backward()
+        torch.testing.assert_close(xg.grad, x2.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(wg.grad, w2.grad, rtol=1e-12, atol=1e-12)

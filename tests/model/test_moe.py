@@ -358,3 +358,56 @@ def test_moe_gradcheck_float64(backend):
     y, aux = f(x, *params)
     assert y.dtype == torch.float64 and aux.dtype == torch.float64 and aux.item() > 0
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_decode_batch_padded_experts_equal_the_per_token_loop(backend, monkeypatch):
+    """A mid-sized decode batch on CPU (64 < rows <= 512, no autograd) runs the experts padded
+    into batched matmuls: the same outputs as the per-token float64 loop, an expert left empty."""
+    from megads.ops import grouped
+
+    cfg = moe_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, route_scale=2.5)
+    torch.manual_seed(7)
+    moe = MoE(cfg).eval()
+    moe.gate.bias.zero_()
+    moe.gate.bias[5] = -100.0  # expert 5 is never chosen
+    calls = []
+    real = grouped._padded_swiglu
+    monkeypatch.setattr(grouped, "_padded_swiglu", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    x = torch.randn(5, 8, cfg.hidden_size)  # 40 tokens x 3 = 120 expert rows
+    with torch.no_grad():
+        y, _ = moe(x)
+    assert calls == [120] and moe.last_counts[5] == 0
+    torch.testing.assert_close(y.double(), per_token_reference(moe, x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        y64, _ = moe.double()(x.double())
+    tol = dict(rtol=1e-9, atol=1e-10) if backend == "native" else dict(rtol=1e-6, atol=1e-7)  # as above
+    torch.testing.assert_close(y64, per_token_reference(moe, x), **tol)
+    assert calls == [120, 120]
+    with torch.enable_grad():  # training keeps the grouped products
+        moe.float()(x)
+    assert calls == [120, 120]
+
+
+def test_padded_experts_compile_to_one_graph():
+    """Under torch.compile the padded product is one opaque op (its shapes depend on the routing)."""
+    import torch._dynamo
+
+    E, N, D, inter = 4, 80, 8, 6
+    g = torch.Generator().manual_seed(3)
+    w1, w3 = torch.randn(E, inter, D, generator=g), torch.randn(E, inter, D, generator=g)
+    w2 = torch.randn(E, D, inter, generator=g)
+    x = torch.randn(N, D, generator=g)
+    offsets = torch.tensor([0, 30, 30, 55, N])
+
+    def ref(x):
+        rows = []
+        for e in range(E):
+            xe = x[offsets[e]:offsets[e + 1]].double()
+            rows.append((F.silu(xe @ w1[e].double().T) * (xe @ w3[e].double().T)) @ w2[e].double().T)
+        return torch.cat(rows)
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: ops.grouped_swiglu(x, w1, w3, w2, offsets), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(f(x).double(), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ops.grouped_swiglu(x, w1, w3, w2, offsets).double(), ref(x), rtol=1e-5, atol=1e-5)
