@@ -17,11 +17,17 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MEGADS_X86 1  // AVX2 kernels compiled with a target attribute, chosen at run time
+#include <immintrin.h>
+#endif
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -398,6 +404,148 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_y, const Te
   return {gys, gw.to(weights.scalar_type())};
 }
 
+// ------------------------------------------------------------------ products with few rows
+// Decode steps multiply a handful of rows by each weight matrix (and route a handful of rows to
+// each expert), so every product is bound by reading the weights. These kernels compute dot
+// products of each weight row with up to four (L1-resident) input rows at once, in parallel
+// over blocks of weight rows, so the weights stream at close to the memory bandwidth:
+//   linear_rows:        y[r] = W x[r]
+//   expert_swiglu_rows: y[r] = W2[e] (silu(W1[e] x[r]) * (W3[e] x[r])) for the rows r of expert e
+// float32 only, inference only (no autograd); AVX2+FMA where the CPU has it, plain loops
+// otherwise (the dispatch is at run time, so the library still builds for any x86-64).
+
+// out[r * ostride] = w . x[r * ld ..] for r < R (R <= 4), n elements each
+using DotsFn = void (*)(const float* w, const float* x, int64_t ld, int R, int64_t n, float* out, int64_t ostride);
+
+void dots_plain(const float* w, const float* x, int64_t ld, int R, int64_t n, float* out, int64_t ostride) {
+  for (int r = 0; r < R; ++r) {
+    float v = 0.f;
+    for (int64_t i = 0; i < n; ++i) v += w[i] * x[r * ld + i];
+    out[r * ostride] = v;
+  }
+}
+
+#ifdef MEGADS_X86
+template <int R>
+__attribute__((target("avx2,fma"))) void dots_avx2_r(const float* w, const float* x, int64_t ld, int64_t n, float* out,
+                                                      int64_t ostride) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {  // each weight vector feeds R rows
+    const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ld + i), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ld + i + 8), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 s = _mm256_add_ps(acc[r][0], acc[r][1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    float v = _mm_cvtss_f32(h);
+    for (int64_t j = i; j < n; ++j) v += w[j] * x[r * ld + j];
+    out[r * ostride] = v;
+  }
+}
+
+__attribute__((target("avx2,fma"))) void dots_avx2(const float* w, const float* x, int64_t ld, int R, int64_t n,
+                                                    float* out, int64_t ostride) {
+  switch (R) {
+    case 4: dots_avx2_r<4>(w, x, ld, n, out, ostride); break;
+    case 3: dots_avx2_r<3>(w, x, ld, n, out, ostride); break;
+    case 2: dots_avx2_r<2>(w, x, ld, n, out, ostride); break;
+    default: dots_avx2_r<1>(w, x, ld, n, out, ostride); break;
+  }
+}
+#endif
+
+DotsFn pick_dots() {
+#ifdef MEGADS_X86
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &dots_avx2;
+#endif
+  return &dots_plain;
+}
+
+// y[r, j] = W[j] . x[r] for rows r in [r0, r1) and weight rows j in [j0, j1); x rows of length n
+// (stride ld), y rows of stride ystride
+inline void rows_times(DotsFn dots, const float* W, int64_t j0, int64_t j1, const float* x, int64_t ld, int64_t r0,
+                       int64_t r1, int64_t n, float* y, int64_t ystride) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t r = r0; r < r1; r += 4)
+      dots(W + j * n, x + r * ld, ld, static_cast<int>(std::min<int64_t>(4, r1 - r)), n, y + r * ystride + j, ystride);
+}
+
+void check_float(const char* op, std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": float32 only");
+}
+
+Tensor linear_rows_cpu(const Tensor& x_in, const Tensor& w_in) {
+  check_float("linear_rows", {&x_in, &w_in});
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1),
+              "linear_rows: x [R, K], w [N, K]");
+  const Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t R = x.size(0), K = x.size(1), N = w.size(0), B = 32;
+  Tensor y = at::empty({R, N}, x.options());
+  if (R == 0 || N == 0) return y;
+  const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const DotsFn dots = pick_dots();
+  at::parallel_for(0, divup(N, B), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it)
+      rows_times(dots, wp, it * B, std::min(N, it * B + B), xp, K, 0, R, K, yp, N);
+  });
+  return y;
+}
+
+Tensor expert_swiglu_rows_cpu(const Tensor& x_in, const Tensor& offsets, const Tensor& w1_in, const Tensor& w3_in,
+                              const Tensor& w2_in) {
+  check_float("expert_swiglu_rows", {&x_in, &w1_in, &w3_in, &w2_in});
+  TORCH_CHECK(x_in.dim() == 2 && w1_in.dim() == 3 && w3_in.sizes() == w1_in.sizes() && w2_in.dim() == 3,
+              "expert_swiglu_rows: x [N, D], w1/w3 [E, I, D], w2 [E, D, I]");
+  const Tensor x = x_in.contiguous(), w1 = w1_in.contiguous(), w3 = w3_in.contiguous(), w2 = w2_in.contiguous();
+  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), I = w1.size(1);
+  TORCH_CHECK(w1.size(2) == D && w2.size(0) == E && w2.size(1) == D && w2.size(2) == I,
+              "expert_swiglu_rows: weight shapes do not match x");
+  const Tensor off = offsets.to(at::kLong).contiguous();
+  TORCH_CHECK(off.numel() == E + 1, "expert_swiglu_rows: offsets must have E+1 entries");
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[E] == N, "expert_swiglu_rows: offsets must run from 0 to N");
+  std::vector<int64_t> hit;  // experts with rows
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(o[e + 1] >= o[e], "expert_swiglu_rows: offsets must be non-decreasing");
+    if (o[e + 1] > o[e]) hit.push_back(e);
+  }
+  Tensor a = at::empty({N, I}, x.options()), b = at::empty({N, I}, x.options());
+  Tensor y = at::empty({N, D}, x.options());
+  if (N == 0) return y;
+  const float *xp = x.const_data_ptr<float>(), *p1 = w1.const_data_ptr<float>(), *p3 = w3.const_data_ptr<float>(),
+              *p2 = w2.const_data_ptr<float>();
+  float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *yp = y.data_ptr<float>();
+  const DotsFn dots = pick_dots();
+  const int64_t H = static_cast<int64_t>(hit.size()), B1 = 16, B2 = 32, n1 = divup(I, B1), n2 = divup(D, B2);
+  at::parallel_for(0, H * n1, 1, [&](int64_t begin, int64_t end) {  // a = silu(W1 x) * (W3 x)
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t e = hit[it / n1], j0 = (it % n1) * B1, j1 = std::min(I, j0 + B1);
+      rows_times(dots, p1 + e * I * D, j0, j1, xp, D, o[e], o[e + 1], D, ap, I);
+      rows_times(dots, p3 + e * I * D, j0, j1, xp, D, o[e], o[e + 1], D, bp, I);
+      for (int64_t r = o[e]; r < o[e + 1]; ++r)
+        for (int64_t j = j0; j < j1; ++j) {
+          const float g = ap[r * I + j];
+          ap[r * I + j] = g / (1.f + std::exp(-g)) * bp[r * I + j];
+        }
+    }
+  });
+  at::parallel_for(0, H * n2, 1, [&](int64_t begin, int64_t end) {  // y = W2 a
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t e = hit[it / n2], j0 = (it % n2) * B2, j1 = std::min(D, j0 + B2);
+      rows_times(dots, p2 + e * D * I, j0, j1, ap, I, o[e], o[e + 1], I, yp, D);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(megads, CPU, m) {
@@ -407,6 +555,8 @@ TORCH_LIBRARY_IMPL(megads, CPU, m) {
   m.impl("permute_backward", &permute_backward_cpu);
   m.impl("unpermute", &unpermute_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);
+  m.impl("linear_rows", &linear_rows_cpu);
+  m.impl("expert_swiglu_rows", &expert_swiglu_rows_cpu);
 }
 
 }  // namespace megads

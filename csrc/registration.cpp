@@ -23,6 +23,11 @@ TORCH_LIBRARY(megads, m) {
   m.def("unpermute(Tensor y_sorted, Tensor weights, Tensor inv) -> Tensor");
   // d y [T, H] -> (d y_sorted [T*k, H], d weights [T, k])
   m.def("unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor weights, Tensor inv) -> (Tensor, Tensor)");
+  // inference only (no autograd), CPU float32: x [R, K], w [N, K] -> y [R, N] = x w^T (few rows)
+  m.def("linear_rows(Tensor x, Tensor w) -> Tensor");
+  // inference only (no autograd), CPU float32: x [N, D] rows sorted by expert, offsets [E+1],
+  // w1/w3 [E, I, D], w2 [E, D, I] -> y [N, D], y[r] = w2[e] (silu(w1[e] x[r]) * w3[e] x[r])
+  m.def("expert_swiglu_rows(Tensor x, Tensor offsets, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

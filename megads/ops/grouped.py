@@ -49,10 +49,27 @@ def _eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torc
     return torch.cat(parts, 0)
 
 
-# decode batches on CPU whose rows per expert are few (B*k between these bounds): padding every
-# expert's rows to the busiest expert's count and running three batched matmuls beats the per-expert
-# products (bench/RESULTS.md, "Fourth session": 1.2x on the experts at B=64, k=4, 16 experts)
+# Decode batches on CPU (no autograd), by the number of expert rows N = B*k (bench/RESULTS.md,
+# "Fourth session"): up to SWIGLU_ROWS, the native kernel megads::expert_swiglu_rows (float32,
+# weight rows streamed against the few input rows; 2-4x the per-expert products); between
+# PADDED_ROWS, every expert's rows padded to the busiest expert's count for three batched
+# matmuls (1.2x the per-expert products at 256 rows); otherwise the grouped products.
+SWIGLU_ROWS = 256
 PADDED_ROWS = (64, 512)
+
+
+def _native_rows(x, w1, w3, w2) -> bool:
+    return 0 < x.shape[0] <= SWIGLU_ROWS and row_kernels(x, w1, w3, w2)
+
+
+def row_kernels(*tensors: torch.Tensor) -> bool:
+    """The native few-row kernels apply: float32 CPU tensors, no autograd, native ops loaded."""
+    if torch.is_grad_enabled() or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return False
+    from megads import ops
+    from megads.ops import native
+
+    return ops.backend() == "native" and native.has_row_kernels()
 
 
 def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
@@ -62,7 +79,10 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     x: [N, in] rows sorted by expert (offsets [E+1]); w1/w3: [E, inter, in]; w2: [E, in, inter].
     Without autograd on CPU, for mid-sized decode batches (PADDED_ROWS), the rows are laid out
     padded [E, busiest expert's rows, in] for batched matmuls (an opaque op under torch.compile);
-    otherwise three grouped_linear calls."""
+    otherwise three grouped_linear calls. With the native ops loaded, float32 batches of up to
+    SWIGLU_ROWS rows take the native kernel instead."""
+    if not x.is_cuda and not torch.is_grad_enabled() and _native_rows(x, w1, w3, w2):
+        return torch.ops.megads.expert_swiglu_rows(x, offsets, w1, w3, w2)
     if not x.is_cuda and not torch.is_grad_enabled() and PADDED_ROWS[0] < x.shape[0] <= PADDED_ROWS[1]:
         if torch.compiler.is_compiling():
             return torch.ops.megads.padded_swiglu(x, w1, w3, w2, offsets)

@@ -48,7 +48,18 @@ def load() -> None:
     _register()
     for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")):
         _kernels[dev] = torch._C._dispatch_has_kernel_for_dispatch_key("megads::route", key)
+    # the decode-time few-row kernels (CPU only); a library built before they were added lacks them
+    _kernels["rows"] = hasattr(torch.ops.megads, "linear_rows") and hasattr(torch.ops.megads, "expert_swiglu_rows")
+    if _kernels["rows"]:
+        torch.library.register_fake("megads::linear_rows")(_linear_rows_fake)
+        torch.library.register_fake("megads::expert_swiglu_rows")(_swiglu_rows_fake)
     _loaded = True
+
+
+def has_row_kernels() -> bool:
+    """Whether the loaded library has the CPU few-row kernels `megads::linear_rows` and
+    `megads::expert_swiglu_rows` (float32 decode products, no autograd)."""
+    return _kernels.get("rows", False)
 
 
 def has_kernels(device: torch.device | str) -> bool:
@@ -164,6 +175,14 @@ def _unpermute_backward(ctx, grad_y):
     grad_y_sorted, grad_weights = torch.ops.megads.unpermute_backward(grad_y, y_sorted, weights, inv)
     return (grad_y_sorted if ctx.needs_input_grad[0] else None,
             grad_weights if ctx.needs_input_grad[1] else None, None)
+
+
+def _linear_rows_fake(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _swiglu_rows_fake(x, offsets, w1, w3, w2):
+    return x.new_empty(x.shape[0], w2.shape[1])
 
 
 def _register() -> None:

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megads.ops.grouped import row_kernels
+
 
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -158,12 +160,19 @@ def reduce_scatter_to_sp(x, group, dim=1):
 
 # ---------------------------------------------------------------- layers
 
+ROWS_KERNEL = 16  # inputs of up to this many rows take megads::linear_rows where it applies
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T. On CPU with few rows (decode steps) W @ x^T is much faster than F.linear's
     x @ W^T (measured ~3x for the output head at 4 rows, 1.2-1.6x at 64 rows, about even from
     256); same math, same autograd. Up to 32 rows always, up to 128 without autograd (decode
     batches such as a 64-row rollout; training keeps F.linear there)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= ROWS_KERNEL and x.dim() >= 2 and row_kernels(x, weight):
+        # the native few-row kernel (float32, no autograd): 1.3-3x MKL's product up to 16 rows
+        flat = x.reshape(rows, x.shape[-1])
+        return torch.ops.megads.linear_rows(flat, weight).view(*x.shape[:-1], weight.shape[0])
     limit = 32 if torch.is_grad_enabled() else 128
     if not x.is_cuda and 0 < rows <= limit and x.dim() >= 2:
         flat = x.reshape(rows, x.shape[-1])

@@ -373,6 +373,7 @@ def test_decode_batch_padded_experts_equal_the_per_token_loop(backend, monkeypat
     calls = []
     real = grouped._padded_swiglu
     monkeypatch.setattr(grouped, "_padded_swiglu", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(grouped, "SWIGLU_ROWS", 0)  # not the native few-row kernel (tests/ops/test_native_rows.py)
     x = torch.randn(5, 8, cfg.hidden_size)  # 40 tokens x 3 = 120 expert rows
     with torch.no_grad():
         y, _ = moe(x)
