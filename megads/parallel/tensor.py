@@ -161,19 +161,21 @@ def reduce_scatter_to_sp(x, group, dim=1):
 # ---------------------------------------------------------------- layers
 
 ROWS_KERNEL = 16  # inputs of up to this many rows take megads::linear_rows where it applies
+ROWS_TRANSPOSED = (32, 128)  # else W @ x^T on CPU up to this many rows (with, without autograd)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T. On CPU with few rows (decode steps) W @ x^T is much faster than F.linear's
-    x @ W^T (measured ~3x for the output head at 4 rows, 1.2-1.6x at 64 rows, about even from
-    256); same math, same autograd. Up to 32 rows always, up to 128 without autograd (decode
-    batches such as a 64-row rollout; training keeps F.linear there)."""
+    """x W^T. On CPU with few rows (decode steps), F.linear's x @ W^T is slow: float32 inputs of
+    up to ROWS_KERNEL rows without autograd take the native megads::linear_rows (1.3-3x MKL);
+    otherwise W @ x^T (same math, same autograd; ~3x F.linear for the output head at 4 rows,
+    1.2-1.6x at 64 rows, about even from 256 rows) up to ROWS_TRANSPOSED rows: 32 with autograd,
+    128 without (decode batches such as a 64-row rollout; training keeps F.linear there)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < rows <= ROWS_KERNEL and x.dim() >= 2 and row_kernels(x, weight):
         # the native few-row kernel (float32, no autograd): 1.3-3x MKL's product up to 16 rows
         flat = x.reshape(rows, x.shape[-1])
         return torch.ops.megads.linear_rows(flat, weight).view(*x.shape[:-1], weight.shape[0])
-    limit = 32 if torch.is_grad_enabled() else 128
+    limit = ROWS_TRANSPOSED[0] if torch.is_grad_enabled() else ROWS_TRANSPOSED[1]
     if not x.is_cuda and 0 < rows <= limit and x.dim() >= 2:
         flat = x.reshape(rows, x.shape[-1])
         return torch.mm(weight, flat.t()).t().reshape(*x.shape[:-1], weight.shape[0])
