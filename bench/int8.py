@@ -1,7 +1,8 @@
 """Weight-only int8 against float32 for the products of a decode step (megads.model.quant).
 
 For each projection shape of a preset (and a 1024/4096-wide pair for scale), at 1, 4, 16 and 64
-rows: the fp32 product the model runs (megads.parallel.tensor.linear) and the int8 one
+rows: the fp32 product the model runs when decoding (megads.parallel.tensor.linear without
+autograd: the native megads::linear_rows up to 16 rows, W @ x^T beyond) and the int8 one
 (int8_linear: torch's int8-weight kernel, bf16 activations in), best of repeats, with the weight
 bytes each reads per call and the int8 product's error against a float64 reference.
 
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     g = torch.Generator().manual_seed(0)
+    torch.set_grad_enabled(False)  # as in decoding: linear takes the native few-row kernel where it applies
     for name, (o, i) in shapes.items():
         w = torch.randn(o, i, generator=g) * 0.02
         q, s = quantize_weight(w)
