@@ -58,10 +58,6 @@ SWIGLU_ROWS = 256
 PADDED_ROWS = (64, 512)
 
 
-def _native_rows(x, w1, w3, w2) -> bool:
-    return 0 < x.shape[0] <= SWIGLU_ROWS and row_kernels(x, w1, w3, w2)
-
-
 def row_kernels(*tensors: torch.Tensor) -> bool:
     """The native few-row kernels apply: float32 CPU tensors, no autograd, native ops loaded."""
     if torch.is_grad_enabled() or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
@@ -81,7 +77,7 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     padded [E, busiest expert's rows, in] for batched matmuls (an opaque op under torch.compile);
     otherwise three grouped_linear calls. With the native ops loaded, float32 batches of up to
     SWIGLU_ROWS rows take the native kernel instead."""
-    if not x.is_cuda and not torch.is_grad_enabled() and _native_rows(x, w1, w3, w2):
+    if 0 < x.shape[0] <= SWIGLU_ROWS and row_kernels(x, w1, w3, w2):
         return torch.ops.megads.expert_swiglu_rows(x, offsets, w1, w3, w2)
     if not x.is_cuda and not torch.is_grad_enabled() and PADDED_ROWS[0] < x.shape[0] <= PADDED_ROWS[1]:
         if torch.compiler.is_compiling():
