@@ -546,6 +546,203 @@ Tensor expert_swiglu_rows_cpu(const Tensor& x_in, const Tensor& offsets, const T
   return y;
 }
 
+// ------------------------------------------------------------------ decode attention over latents
+// One query position per row attends over its cached [latent | rope key] rows (MLA's absorbed
+// decode): o[b, h] = sum_t softmax_t(scale * q[b, h] . joint[b, t]) joint[b, t, :value_dim],
+// over the kept rows t (key_mask[b, t]); a (b, h) with no kept row gives zeros. The cache is read
+// once, in chunks of rows (an online softmax within each chunk), in parallel over (row, chunk);
+// the chunks of a row are merged after (log-sum-exp). The product with the query is the few-row
+// dot kernel above (each cached row against up to four heads at once).
+
+// One block of n kept rows (rows[i]: the cached row, values first) for every head: scale the
+// scores s[h * SB + i], then the online-softmax update of the running max m[h], sum l[h] and
+// unnormalised output acc[h * V ..] (acc = acc * exp(m_old - m_new) + sum_i exp(s_i - m_new) v_i).
+using BlockFn = void (*)(const float* const* rows, int64_t n, float* s, int64_t SB, int64_t H, int64_t V, float scale,
+                         float* m, float* l, float* acc);
+
+void block_plain(const float* const* rows, int64_t n, float* s, int64_t SB, int64_t H, int64_t V, float scale,
+                 float* m, float* l, float* acc) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = s + h * SB;
+    float mx = m[h];
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sh[i] *= scale);
+    const float alpha = std::exp(m[h] - mx);  // 0 when nothing was kept before (m = -inf)
+    float* ah = acc + h * V;
+    float sum = l[h] * alpha;
+    for (int64_t j = 0; j < V; ++j) ah[j] *= alpha;
+    for (int64_t i = 0; i < n; ++i) {
+      const float p = std::exp(sh[i] - mx);
+      sum += p;
+      for (int64_t j = 0; j < V; ++j) ah[j] += p * rows[i][j];
+    }
+    m[h] = mx;
+    l[h] = sum;
+  }
+}
+
+#ifdef MEGADS_X86
+// exp on 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~2 ulp), for
+// arguments <= 0 as a softmax takes them; clamped to [-87, 88] (exp(-87) ~ 1.6e-38)
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// acc[0 .. 8*NV) = acc * alpha + sum_i p[i] rows[i][off ..]: the accumulators stay in registers
+template <int NV>
+__attribute__((target("avx2,fma"))) inline void accumulate_avx2(float* acc, float alpha, const float* p,
+                                                                const float* const* rows, int64_t n, int64_t off) {
+  __m256 a[NV];
+  const __m256 al = _mm256_set1_ps(alpha);
+  for (int k = 0; k < NV; ++k) a[k] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * k), al);
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 pv = _mm256_set1_ps(p[i]);
+    const float* v = rows[i] + off;
+    for (int k = 0; k < NV; ++k) a[k] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * k), a[k]);
+  }
+  for (int k = 0; k < NV; ++k) _mm256_storeu_ps(acc + 8 * k, a[k]);
+}
+
+__attribute__((target("avx2,fma"))) void block_avx2(const float* const* rows, int64_t n, float* s, int64_t SB,
+                                                     int64_t H, int64_t V, float scale, float* m, float* l,
+                                                     float* acc) {
+  // SB is a multiple of 8: the scores of a head are whole vectors, the unused tail set to -inf
+  const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = s + h * SB;
+    __m256 mx = _mm256_set1_ps(m[h]);
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane));
+      const __m256 v = _mm256_blendv_ps(ninf, _mm256_mul_ps(_mm256_loadu_ps(sh + i), sc), keep);
+      _mm256_storeu_ps(sh + i, v);
+      mx = _mm256_max_ps(mx, v);
+    }
+    __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+    h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
+    const float mnew = _mm_cvtss_f32(h4);
+    const float alpha = std::exp(m[h] - mnew);  // 0 when nothing was kept before (m = -inf)
+    __m256 sum = _mm256_setzero_ps();
+    const __m256 mv = _mm256_set1_ps(mnew);
+    for (int64_t i = 0; i < n; i += 8) {  // exp(-inf - m) = 0 in the unused tail (the clamp gives ~1e-38)
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane));
+      const __m256 p = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sh + i), mv)), keep);
+      _mm256_storeu_ps(sh + i, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    s4 = _mm_hadd_ps(s4, s4);
+    s4 = _mm_hadd_ps(s4, s4);
+    l[h] = l[h] * alpha + _mm_cvtss_f32(s4);
+    m[h] = mnew;
+    float* ah = acc + h * V;
+    int64_t off = 0;
+    for (; off + 64 <= V; off += 64) accumulate_avx2<8>(ah + off, alpha, sh, rows, n, off);
+    for (; off + 8 <= V; off += 8) accumulate_avx2<1>(ah + off, alpha, sh, rows, n, off);
+    for (; off < V; ++off) {
+      float a = ah[off] * alpha;
+      for (int64_t i = 0; i < n; ++i) a += sh[i] * rows[i][off];
+      ah[off] = a;
+    }
+  }
+}
+#endif
+
+BlockFn pick_block() {
+#ifdef MEGADS_X86
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &block_avx2;
+#endif
+  return &block_plain;
+}
+
+Tensor latent_attention_rows_cpu(const Tensor& q_in, const Tensor& joint, const std::optional<Tensor>& key_mask,
+                                 int64_t value_dim, double scale) {
+  check_float("latent_attention_rows", {&q_in, &joint});
+  TORCH_CHECK(q_in.dim() == 3 && joint.dim() == 3 && q_in.size(0) == joint.size(0) && q_in.size(2) == joint.size(2),
+              "latent_attention_rows: q [B, H, C], joint [B, T, C]");
+  const int64_t B = q_in.size(0), H = q_in.size(1), C = q_in.size(2), T = joint.size(1);
+  TORCH_CHECK(value_dim > 0 && value_dim <= C, "latent_attention_rows: value_dim must be in [1, C]");
+  // rows of the cache must be contiguous; the batch stride may be anything (a view of a longer cache)
+  const Tensor kv = (joint.stride(2) == 1 && joint.stride(1) == C) ? joint : joint.contiguous();
+  const Tensor q = q_in.contiguous();
+  Tensor mask;
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == B &&
+                    key_mask->size(1) == T,
+                "latent_attention_rows: key_mask must be bool [B, T]");
+    mask = key_mask->contiguous();
+  }
+  Tensor out = at::zeros({B, H, value_dim}, q.options());
+  if (B == 0 || H == 0 || T == 0) return out;
+  const int64_t TC = 128, nC = divup(T, TC), V = value_dim, SB = 16;  // rows per chunk, per score block
+  // per (b, chunk): running max m [H], sum l [H], unnormalised output acc [H, V]
+  std::vector<float> m(B * nC * H), l(B * nC * H), acc(B * nC * H * V);
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = kv.const_data_ptr<float>();
+  const int64_t kb = kv.stride(0);
+  const bool* mp = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const float sc = static_cast<float>(scale), ninf = -std::numeric_limits<float>::infinity();
+  const DotsFn dots = pick_dots();
+  const BlockFn block = pick_block();
+  at::parallel_for(0, B * nC, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(H * SB);
+    std::vector<const float*> kept(SB);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / nC, t0 = (it % nC) * TC, t1 = std::min(T, t0 + TC);
+      float *mi = m.data() + it * H, *li = l.data() + it * H, *ai = acc.data() + it * H * V;
+      std::fill(mi, mi + H, ninf);
+      std::fill(li, li + H, 0.f);
+      std::fill(ai, ai + H * V, 0.f);
+      const float* qb = qp + b * H * C;
+      for (int64_t u0 = t0; u0 < t1; u0 += SB) {
+        int64_t n = 0;  // the kept rows of this block
+        for (int64_t t = u0; t < std::min(t1, u0 + SB); ++t)
+          if (!mp || mp[b * T + t]) kept[n++] = kp + b * kb + t * C;
+        if (n == 0) continue;
+        for (int64_t i = 0; i < n; ++i)  // s[h, i] = q[h] . row i
+          for (int64_t h = 0; h < H; h += 4)
+            dots(kept[i], qb + h * C, C, static_cast<int>(std::min<int64_t>(4, H - h)), C, s.data() + h * SB + i, SB);
+        block(kept.data(), n, s.data(), SB, H, V, sc, mi, li, ai);
+      }
+    }
+  });
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {  // merge the chunks of each (b, h)
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float mx = ninf;
+      for (int64_t c = 0; c < nC; ++c) mx = std::max(mx, m[(b * nC + c) * H + h]);
+      if (mx == ninf) continue;  // no kept row: zeros
+      float total = 0.f;
+      float* o = op + bh * V;
+      for (int64_t c = 0; c < nC; ++c) {
+        const int64_t i = (b * nC + c) * H + h;
+        if (l[i] == 0.f) continue;
+        const float w = std::exp(m[i] - mx);
+        total += l[i] * w;
+        const float* a = acc.data() + i * V;
+        for (int64_t j = 0; j < V; ++j) o[j] += w * a[j];
+      }
+      const float inv = 1.f / total;
+      for (int64_t j = 0; j < V; ++j) o[j] *= inv;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(megads, CPU, m) {
@@ -557,6 +754,7 @@ TORCH_LIBRARY_IMPL(megads, CPU, m) {
   m.impl("unpermute_backward", &unpermute_backward_cpu);
   m.impl("linear_rows", &linear_rows_cpu);
   m.impl("expert_swiglu_rows", &expert_swiglu_rows_cpu);
+  m.impl("latent_attention_rows", &latent_attention_rows_cpu);
 }
 
 }  // namespace megads

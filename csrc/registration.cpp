@@ -28,6 +28,10 @@ TORCH_LIBRARY(megads, m) {
   // inference only (no autograd), CPU float32: x [N, D] rows sorted by expert, offsets [E+1],
   // w1/w3 [E, I, D], w2 [E, D, I] -> y [N, D], y[r] = w2[e] (silu(w1[e] x[r]) * w3[e] x[r])
   m.def("expert_swiglu_rows(Tensor x, Tensor offsets, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
+  // inference only (no autograd), CPU float32, one query position per row: q [B, H, C],
+  // joint [B, T, C] cached rows, key_mask [B, T] bool (kept rows) -> o [B, H, value_dim] =
+  // softmax(scale q . joint) joint[..., :value_dim]; rows with no kept key give zeros
+  m.def("latent_attention_rows(Tensor q, Tensor joint, Tensor? key_mask, int value_dim, float scale) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -21,6 +21,7 @@ from megads.config import ModelConfig
 from megads.model.cache import LayerCache
 from megads.model.norm import RMSNorm
 from megads.model.rope import apply_rope, softmax_scale
+from megads.ops.grouped import row_kernels
 from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp, project,
                                     group_size, scaled_init_std)
 
@@ -104,22 +105,30 @@ class MLA(nn.Module):
             if S != 1 or naive or attn_mask is None:
                 raise ValueError("a cache position given as a tensor is for one-token absorbed decode steps with a mask")
             cache.write(start, c_kv, k_pe)
-            kv_all, pe_all = cache.read(cache.kv.shape[1])
-            out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype),
-                                        attn_mask.bool().view(B, 1, 1, -1), cache.joint(cache.kv.shape[1]))
+            T = cache.kv.shape[1]
+            out = self._attend_rows(q_nope, q_pe, cache.joint(T), attn_mask.bool())
+            if out is None:
+                kv_all, pe_all = cache.read(T)
+                out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype),
+                                            attn_mask.bool().view(B, 1, 1, -1), cache.joint(T))
         elif start == 0 and S > 1 and not naive:
             # prefill: causal SDPA over the prompt (expanded keys), then keep only the latents
             cache.write(0, c_kv, k_pe)
             out = self._attend_full(q_nope, q_pe, c_kv, k_pe, attn_mask)
         else:
             cache.write(start, c_kv, k_pe)
-            kv_all, pe_all = cache.read(start + S)
-            mask = _decode_mask(B, S, start, attn_mask, x.device)
-            if naive:
-                out = self._attend_naive(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask)
-            else:
-                out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask,
-                                            cache.joint(start + S))
+            out = None
+            if S == 1 and not naive:  # one query position: its mask is the kept keys alone
+                out = self._attend_rows(q_nope, q_pe, cache.joint(start + S),
+                                        None if attn_mask is None else attn_mask.bool())
+            if out is None:
+                kv_all, pe_all = cache.read(start + S)
+                mask = _decode_mask(B, S, start, attn_mask, x.device)
+                if naive:
+                    out = self._attend_naive(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask)
+                else:
+                    out = self._attend_absorbed(q_nope, q_pe, kv_all.to(x.dtype), pe_all.to(x.dtype), mask,
+                                                cache.joint(start + S))
         return self.wo(out.reshape(B, S, self.n_heads * self.vdim))
 
     def _attend_full(self, q_nope, q_pe, c_kv, k_pe, key_mask):
@@ -147,13 +156,31 @@ class MLA(nn.Module):
         p = _masked_softmax(scores, mask).to(v.dtype)
         return torch.einsum("bhst,bthv->bshv", p, v)
 
+    def _absorb_uk(self):
+        """W_UK [h, nope, c] and W_UV [h, v, c]: views of wkv_b's weight."""
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.vdim, self.kv_lora)
+        return w[:, :self.nope], w[:, self.nope:]
+
+    def _attend_rows(self, q_nope, q_pe, joint, key_mask):
+        """One query position per row through the native decode-attention kernel
+        (megads::latent_attention_rows: the cache read once, online softmax), when it applies:
+        a float32 CPU cache held as one [latent | rope key] buffer, no autograd, native ops.
+        key_mask: [B, T] bool kept keys, or None. Returns [B, 1, h, v], or None."""
+        if joint is None or joint.dtype != torch.float32 or not row_kernels(q_nope, q_pe, joint):
+            return None
+        w_uk, w_uv = self._absorb_uk()
+        B = q_nope.shape[0]
+        q_lat = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)
+        q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)  # [B, h, c + rope]
+        o_lat = torch.ops.megads.latent_attention_rows(q, joint, key_mask, self.kv_lora, self.scale)
+        return torch.einsum("bhc,hvc->bhv", o_lat, w_uv).view(B, 1, self.n_heads, self.vdim)
+
     def _attend_absorbed(self, q_nope, q_pe, kv, pe, mask, joint=None):
         """Absorbed decode: q_lat = q_nope W_UK (per head), out = (p . c_kv) W_UV.
 
         joint: the cache's [c_kv | k_pe] rows [B, T, c + rope] (kv and pe are views of it), when
         it holds them in the compute dtype: the scores are then one batched product."""
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.vdim, self.kv_lora)
-        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [h, nope, c], [h, v, c]
+        w_uk, w_uv = self._absorb_uk()  # [h, nope, c], [h, v, c]
         B, S = q_nope.shape[:2]
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, h, c]
         if joint is not None and joint.dtype == q_lat.dtype:

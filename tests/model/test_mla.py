@@ -188,16 +188,27 @@ def decode_logits(model, tokens, prefix, **cache_kw):
 
 @pytest.mark.parametrize("q_lora", [0, 12])
 @pytest.mark.parametrize("yarn", [False, True])
-def test_absorbed_and_naive_decode_equal_full_forward(q_lora, yarn):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_absorbed_and_naive_decode_equal_full_forward(q_lora, yarn, backend):
+    """backend native: one-token steps through megads::latent_attention_rows (where the library
+    is built); torch: the absorbed batched products."""
+    from megads import ops
+
+    if backend == "native":
+        pytest.importorskip("megads._C", reason="native ops not built")
     cfg = small_cfg(q_lora_rank=q_lora, **(YARN if yarn else {}))
     model = make_model(cfg)
     B, S = 2, 11  # with YaRN: past original_max_seq_len (4)
     tokens = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model(tokens)
-        absorbed = decode_logits(model, tokens, prefix=4)
-        naive = decode_logits(model, tokens, prefix=4, naive=True)
-        one_by_one = decode_logits(model, tokens, prefix=1)
+    prev = ops.set_backend(backend)
+    try:
+        with torch.no_grad():
+            full = model(tokens)
+            absorbed = decode_logits(model, tokens, prefix=4)
+            naive = decode_logits(model, tokens, prefix=4, naive=True)
+            one_by_one = decode_logits(model, tokens, prefix=1)
+    finally:
+        ops.set_backend(prev)
     assert full.shape == (B, S, cfg.vocab_size)
     torch.testing.assert_close(absorbed, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(naive, full, atol=1e-5, rtol=0)
@@ -220,8 +231,15 @@ def test_cache_naive_flag_selects_the_naive_path(monkeypatch):
         calls["absorbed"] += 1
         return orig_abs(self, *a)
 
+    def rows(self, *a):  # the native decode-attention kernel: absorbed too, where it applies
+        out = orig_rows(self, *a)
+        calls["absorbed"] += out is not None
+        return out
+
+    orig_rows = MLA._attend_rows
     monkeypatch.setattr(MLA, "_attend_naive", naive)
     monkeypatch.setattr(MLA, "_attend_absorbed", absorbed)
+    monkeypatch.setattr(MLA, "_attend_rows", rows)
     tokens = torch.randint(0, cfg.vocab_size, (1, 4))
     with torch.no_grad():
         model(tokens, cache=MLACache(cfg, 1, 4, naive=True))

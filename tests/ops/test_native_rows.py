@@ -1,5 +1,6 @@
-"""The CPU few-row decode kernels (megads::linear_rows, megads::expert_swiglu_rows) against float64
-products written here; where the model takes them; their refusals; under torch.compile."""
+"""The CPU decode kernels (megads::linear_rows, megads::expert_swiglu_rows,
+megads::latent_attention_rows) against float64 products and softmaxes written here; where the
+model takes them; their refusals; under torch.compile."""
 from __future__ import annotations
 
 import pytest
@@ -41,6 +42,47 @@ def test_expert_swiglu_rows_equals_float64_loop(native, counts):
     torch.testing.assert_close(y.double(), _swiglu64(x, offsets, w1, w3, w2), rtol=1e-4, atol=1e-4)
 
 
+def _latent_attention64(q, joint, key_mask, value_dim, scale):
+    """softmax over the kept rows of scale * q . joint, times the rows' first value_dim columns,
+    in float64, one (row, head) at a time; no kept row gives zeros."""
+    B, H, _ = q.shape
+    out = torch.zeros(B, H, value_dim, dtype=torch.float64)
+    for b in range(B):
+        keep = torch.arange(joint.shape[1]) if key_mask is None else key_mask[b].nonzero().flatten()
+        if keep.numel() == 0:
+            continue
+        rows = joint[b, keep].double()
+        for h in range(H):
+            p = torch.softmax(scale * (rows @ q[b, h].double()), dim=0)
+            out[b, h] = p @ rows[:, :value_dim]
+    return out
+
+
+@pytest.mark.parametrize("B, H, C, V, T", [(1, 8, 160, 128, 300), (3, 3, 37, 30, 17), (2, 5, 72, 64, 129),
+                                           (4, 1, 9, 9, 1), (2, 16, 20, 3, 260)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_latent_attention_rows_equals_float64_softmax(native, B, H, C, V, T, masked):
+    # T across chunks (128) and blocks (16) with tails; H not a multiple of 4; C, V not multiples of 8
+    g = torch.Generator().manual_seed(B * 100 + T)
+    q = torch.randn(B, H, C, generator=g)
+    cache = torch.randn(B, T + 7, C, generator=g) * 2  # the kernel reads a view of a longer cache
+    joint = cache[:, :T]
+    mask = None
+    if masked:
+        mask = torch.rand(B, T, generator=g) > 0.3
+        mask[0, : T // 2] = False  # left padding
+        if B > 1:
+            mask[-1] = False  # a row with no kept key: zeros
+    scale = C ** -0.5
+    got = torch.ops.megads.latent_attention_rows(q, joint, mask, V, scale)
+    assert got.shape == (B, H, V) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _latent_attention64(q, joint, mask, V, scale), rtol=1e-5, atol=1e-5)
+    # large scores (a sharp softmax) stay finite and exact
+    sharp = torch.ops.megads.latent_attention_rows(q * 30, joint, mask, V, scale)
+    torch.testing.assert_close(sharp.double(), _latent_attention64(q * 30, joint, mask, V, scale),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_row_kernels_refuse_what_they_cannot_do(native):
     w = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="float32 only"):
@@ -52,6 +94,18 @@ def test_row_kernels_refuse_what_they_cannot_do(native):
         torch.ops.megads.expert_swiglu_rows(torch.randn(3, 8), torch.tensor([0, 1, 2]), w1, w1, w2)
     with pytest.raises(RuntimeError, match="non-decreasing"):
         torch.ops.megads.expert_swiglu_rows(torch.randn(3, 8), torch.tensor([0, 4, 3]), w1, w1, w2)
+    q, joint = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="float32 only"):
+            torch.ops.megads.latent_attention_rows(q.double(), joint.double(), None, 4, 1.0)
+        with pytest.raises(RuntimeError, match=r"q \[B, H, C\], joint \[B, T, C\]"):
+            torch.ops.megads.latent_attention_rows(q, joint[..., :7], None, 4, 1.0)
+        with pytest.raises(RuntimeError, match="value_dim"):
+            torch.ops.megads.latent_attention_rows(q, joint, None, 9, 1.0)
+        with pytest.raises(RuntimeError, match=r"key_mask must be bool \[B, T\]"):
+            torch.ops.megads.latent_attention_rows(q, joint, torch.ones(2, 4, dtype=torch.bool), 4, 1.0)
+        with pytest.raises(RuntimeError, match=r"key_mask must be bool \[B, T\]"):
+            torch.ops.megads.latent_attention_rows(q, joint, torch.ones(2, 5), 4, 1.0)
 
 
 def test_model_decode_takes_the_row_kernels_only_without_autograd(native, monkeypatch):
@@ -106,13 +160,75 @@ def test_row_kernels_compile_without_graph_breaks(native):
         w2 = torch.randn(E, D, inter, generator=g)
         offsets = torch.tensor([0, 2, 2, 5])
 
+        joint, keep = torch.randn(5, 11, D, generator=g), torch.rand(5, 11, generator=g) > 0.2
+
         def step(x):
-            return ops.grouped_swiglu(linear(x, w), w1, w3, w2, offsets)
+            y = ops.grouped_swiglu(linear(x, w), w1, w3, w2, offsets)
+            return torch.ops.megads.latent_attention_rows(y.view(5, 1, D), joint, keep, 8, 0.25)
 
         x = torch.randn(5, D, generator=g)
         with torch.no_grad():
             want = step(x)
             got = torch.compile(step, fullgraph=True, backend="eager")(x)
         torch.testing.assert_close(got, want)
+    finally:
+        ops.set_backend(prev)
+
+
+def test_model_decode_attention_takes_the_kernel_only_where_it_applies(native, monkeypatch):
+    """A one-token decode step of MLA calls megads::latent_attention_rows for a float32 CPU
+    cache without autograd (the default and the fixed-shape step), and its logits equal the
+    absorbed torch products'; prefill, autograd, float64 and the torch backend do not call it."""
+    from megads import ops
+    from megads.config import ModelConfig
+    from megads.model.cache import MLACache
+    from megads.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_layers=2,
+                      first_k_dense=1, num_heads=3, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=4, n_shared_experts=1,
+                      num_experts_per_tok=2, n_group=1, topk_group=1, max_seq_len=64, init_std=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    calls = []
+    real = torch.ops.megads.latent_attention_rows
+    monkeypatch.setattr(torch.ops.megads, "latent_attention_rows",
+                        lambda *a: calls.append(1) or real(*a), raising=False)
+    tokens = torch.randint(1, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+
+    def steps(dtype=torch.float32, grad=False):
+        m = model.to(dtype)
+        cache = MLACache(cfg, 2, 9, dtype=dtype)
+        with torch.set_grad_enabled(grad):
+            out = [m(tokens[:, :6], cache=cache, attention_mask=mask[:, :6])]
+            for t in range(6, 9):
+                out.append(m(tokens[:, t:t + 1], cache=cache, attention_mask=mask[:, :t + 1]))
+        model.float()
+        return torch.cat(out, 1)
+
+    prev = ops.set_backend("native")
+    try:
+        got = steps()
+        assert len(calls) == 3 * cfg.num_layers  # the three one-token steps, not the prefill
+        ops.set_backend("torch")
+        want = steps()
+        ops.set_backend("native")
+        assert len(calls) == 3 * cfg.num_layers
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        steps(grad=True), steps(torch.float64)
+        assert len(calls) == 3 * cfg.num_layers
+        # the fixed-shape step (a tensor position, the mask over the whole cache) takes it too
+        cache = MLACache(cfg, 2, 12)
+        with torch.no_grad():
+            model(tokens[:, :6], cache=cache, attention_mask=mask[:, :6])
+            full = torch.zeros(2, 12, dtype=torch.bool)
+            full[:, :7] = mask[:, :7]
+            pos = torch.full((2, 1), 6)  # as the steps above (positions not given: the cache length)
+            step = model(tokens[:, 6:7], cache=cache, positions=pos, attention_mask=full,
+                         cache_index=torch.tensor([6]))
+        assert len(calls) == 4 * cfg.num_layers
+        torch.testing.assert_close(step[:, 0], want[:, 6], rtol=0, atol=1e-5)
     finally:
         ops.set_backend(prev)
