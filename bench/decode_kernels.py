@@ -1,17 +1,20 @@
-"""Decode products on CPU: the few-row kernels and the layouts of issue 12's fourth session.
+"""Decode products on CPU: the few-row kernels and the layouts of issue 12's fourth and fifth sessions.
 
-Three tables, all in one run on the machine at hand (float32, the `small` preset's shapes):
+Four tables, all in one run on the machine at hand (float32, the `small` preset's shapes):
 1. one product x W^T with R rows, weights cold (more copies than the caches hold): F.linear,
    W @ x^T, and the native megads::linear_rows, as microseconds and GB/s of weights read;
 2. the routed experts' SwiGLU of one MoE layer at T decode tokens (k=4 of 16 experts): the
    grouped products, experts padded into batched matmuls, and megads::expert_swiglu_rows;
-3. the whole decode step of the model at B rows after a prompt, with each change turned on in
-   turn (as before this session -> + W @ x^T up to 128 rows -> + padded experts -> + one
-   [latent | rope key] cache buffer -> + the native kernels = today's default). Each row's
-   logits are compared with the first's.
+3. one layer's decode attention over the latent cache at B rows after T tokens (caches cold: one
+   per layer): the absorbed torch products (scores, masked softmax, weighted sum) and
+   megads::latent_attention_rows, as ms per layer and GB/s of cache read;
+4. the whole decode step of the model at B rows after a prompt, with each change turned on in
+   turn (as before the fourth session -> + W @ x^T up to 128 rows -> + padded experts -> + one
+   [latent | rope key] cache buffer -> + the few-row kernels -> + the decode-attention kernel =
+   today's default). Each row's logits are compared with the first's.
 A read bandwidth (a large tensor's sum) is measured in the same run for scale.
 
-    PYTHONPATH=. .venv/bin/python bench/decode_kernels.py        # ~3 min on 2 cores
+    PYTHONPATH=. .venv/bin/python bench/decode_kernels.py        # ~4 min on 2 cores
 """
 from __future__ import annotations
 
@@ -91,33 +94,73 @@ def experts_table(cfg, tokens_list, layers: int = 5):
         print(f"| {T} | {T * k} | {hit} | " + " | ".join(cells) + f" | {diff:.1e} |")
 
 
+def attention_table(cfg, shapes, layers: int = 6):
+    from megads.model.mla import _masked_softmax
+
+    H, C, V = cfg.num_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    g = torch.Generator().manual_seed(0)
+
+    def torch_path(q, joint, keep):  # MLA._attend_absorbed's products for one query position
+        s = torch.bmm(joint, q.transpose(1, 2)).transpose(1, 2) * scale  # [B, h, T]
+        p = _masked_softmax(s, keep[:, None, :])
+        return torch.bmm(p, joint[..., :V])
+
+    def kernel(q, joint, keep):
+        return torch.ops.megads.latent_attention_rows(q, joint, keep, V, scale)
+
+    print(f"\n3. one layer's decode attention over the latent cache ({H} heads, rows of {C} floats), caches "
+          "cold: ms per layer (GB/s of cache read)")
+    print("| B rows | T cached | absorbed torch products | megads::latent_attention_rows | speed-up | max diff |")
+    print("|---|---|---|---|---|---|")
+    for B, T in shapes:
+        caches = [torch.randn(B, T, C, generator=g) for _ in range(max(layers, 96 * 2 ** 20 // (B * T * C * 4)))]
+        q = torch.randn(B, H, C, generator=g)
+        keep = torch.ones(B, T, dtype=torch.bool)
+        keep[0, : T // 4] = False  # a left-padded row
+        cells, outs, times = [], [], []
+        with torch.no_grad():
+            for f in (torch_path, kernel):
+                t = best_of(lambda: [f(q, c, keep) for c in caches], reps=5) / len(caches)
+                times.append(t)
+                cells.append(f"{t * 1e3:.3f} ({B * T * C * 4 / t / 1e9:.0f})")
+                outs.append(f(q, caches[0], keep))
+        diff = (outs[1] - outs[0]).abs().max().item()
+        print(f"| {B} | {T} | " + " | ".join(cells) + f" | {times[0] / times[1]:.2f}x | {diff:.1e} |")
+
+
 @contextlib.contextmanager
-def settings(transposed_rows: int, padded: bool, joint: bool, kernels: bool):
-    """Turn this session's decode changes on or off (module constants; restored after)."""
+def settings(transposed_rows: int, padded: bool, joint: bool, kernels: bool, attention: bool = False):
+    """Turn the fourth and fifth sessions' decode changes on or off (module constants; restored after)."""
     from megads.model import cache as cache_mod
+    from megads.model.mla import MLA
     from megads.ops import grouped
     from megads.parallel import tensor
 
     saved = (tensor.ROWS_TRANSPOSED, tensor.ROWS_KERNEL, grouped.SWIGLU_ROWS, grouped.PADDED_ROWS,
-             cache_mod.LayerCache.joint)
+             cache_mod.LayerCache.joint, MLA._attend_rows)
     tensor.ROWS_TRANSPOSED = (32, transposed_rows)
     tensor.ROWS_KERNEL = tensor.ROWS_KERNEL if kernels else 0
     grouped.SWIGLU_ROWS = grouped.SWIGLU_ROWS if kernels else 0
     grouped.PADDED_ROWS = grouped.PADDED_ROWS if padded else (1 << 62, 0)
     if not joint:
         cache_mod.LayerCache.joint = lambda self, end: None
+    if not attention:
+        MLA._attend_rows = lambda self, *a: None
     try:
         yield
     finally:
         (tensor.ROWS_TRANSPOSED, tensor.ROWS_KERNEL, grouped.SWIGLU_ROWS, grouped.PADDED_ROWS,
-         cache_mod.LayerCache.joint) = saved
+         cache_mod.LayerCache.joint, MLA._attend_rows) = saved
 
 
-STAGES = [("as before this session", dict(transposed_rows=32, padded=False, joint=False, kernels=False)),
+STAGES = [("as before the fourth session", dict(transposed_rows=32, padded=False, joint=False, kernels=False)),
           ("+ W @ x^T up to 128 rows", dict(transposed_rows=128, padded=False, joint=False, kernels=False)),
           ("+ padded experts (64-512 rows)", dict(transposed_rows=128, padded=True, joint=False, kernels=False)),
           ("+ one [latent | rope] cache buffer", dict(transposed_rows=128, padded=True, joint=True, kernels=False)),
-          ("+ native few-row kernels (default)", dict(transposed_rows=128, padded=True, joint=True, kernels=True))]
+          ("+ native few-row kernels", dict(transposed_rows=128, padded=True, joint=True, kernels=True)),
+          ("+ decode-attention kernel (default)", dict(transposed_rows=128, padded=True, joint=True, kernels=True,
+                                                       attention=True))]
 
 
 def step_table(cfg, shapes, reps: int):
@@ -126,7 +169,7 @@ def step_table(cfg, shapes, reps: int):
 
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    print("\n3. the model's decode step (eager), each change added in turn: best (median) ms per step, "
+    print("\n4. the model's decode step (eager), each change added in turn: best (median) ms per step, "
           "interleaved repeats")
     print("| B rows, prompt | " + " | ".join(name for name, _ in STAGES) + " | default vs before | max logit diff |")
     print("|---|" + "---|" * (len(STAGES) + 2))
@@ -178,10 +221,12 @@ def main(argv=None) -> int:
     if args.quick:
         products_table(cfg, [4])
         experts_table(cfg, [4])
+        attention_table(cfg, [(4, 64)], layers=2)
         step_table(cfg, [(4, 64)], reps=2)
         return 0
     products_table(cfg, [1, 4, 16, 64]) if not args.skip_products else None
     experts_table(cfg, [1, 4, 16, 64, 128])
+    attention_table(cfg, [(1, 1024), (4, 1024), (16, 512), (64, 160), (4, 4096)])
     step_table(cfg, [(1, 1024), (4, 1024), (16, 512), (64, 160)], reps=args.reps)
     return 0
 

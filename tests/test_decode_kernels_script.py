@@ -1,5 +1,6 @@
 """bench/decode_kernels.py runs (its smoke size): every table prints, the three expert paths agree,
-and the decode step with each change turned on in turn gives the same logits."""
+the two decode-attention paths agree, and the decode step with each change turned on in turn gives
+the same logits."""
 import os
 import re
 import subprocess
@@ -18,5 +19,7 @@ def test_decode_kernels_bench_quick():
     assert "megads::linear_rows" in out and "| 4 | 512 x 16384 |" in out  # table 1 (head included)
     experts = re.search(r"^\| 4 \| 16 \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.e+-]+) \|$", out, re.M)
     assert experts and float(experts.group(1)) < 1e-5, out  # grouped, padded, kernel: same outputs
+    attention = re.search(r"^\| 4 \| 64 \| [\d.]+ \(\d+\) \| [\d.]+ \(\d+\) \| [\d.]+x \| ([\d.e+-]+) \|$", out, re.M)
+    assert attention and float(attention.group(1)) < 1e-5, out  # torch products and the kernel agree
     step = re.search(r"^\| 4, 64 \|.* \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
     assert step and float(step.group(2)) < 1e-4, out  # every setting gives the same logits

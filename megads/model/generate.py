@@ -89,7 +89,8 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = pad_token_id if pad_token_id is not None else (int(stop[0]) if len(stop) else 0)
     step = _decode_step(model, cache, mask, decode, naive)
-    logits = model(tokens, positions=positions, cache=cache, attention_mask=mask[:, :S], naive=naive)[:, -1]
+    logits = model(tokens, positions=positions, cache=cache, attention_mask=mask[:, :S], naive=naive,
+                   logits_to_keep=1)[:, -1]  # the prompt's last position alone needs the head
     next_pos = positions[:, -1] + 1
     n_done = 0
     if return_logprobs:

@@ -238,7 +238,7 @@ class Transformer(nn.Module):
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
                 naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False,
                 local_logits: bool = False, temperature: float = 1.0, loss_from: int = 0, stage: dict | None = None,
-                cache_index: torch.Tensor | None = None):
+                cache_index: torch.Tensor | None = None, logits_to_keep: int = 0):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -266,6 +266,10 @@ class Transformer(nn.Module):
         the whole cache under the mask and `cache.length` is left to the caller. Every shape and
         host-side argument is then the same at each step (megads.model.static: CUDA graphs,
         compilation without recompiles).
+
+        logits_to_keep (no labels): the output head runs on the last this many positions only and
+        the logits are [B, logits_to_keep, V] (0: every position). A generation's prefill needs
+        the last position's alone: the head is the largest product of a small model's prefill.
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
@@ -310,7 +314,11 @@ class Transformer(nn.Module):
             zero = h.new_zeros((), dtype=torch.float32)
             return LMOutput(aux_total, zero, zero, aux_total.detach(), tokens.new_zeros(()), None, self._logits(hn))
         if labels is None:
+            if logits_to_keep and not self.sequence_parallel:  # (sequence-parallel: gathered first)
+                hn = hn[:, -logits_to_keep:]
             logits = self._logits(hn)
+            if logits_to_keep and self.sequence_parallel:
+                logits = logits[:, -logits_to_keep:]
             return gather_from_tp(logits, self.tp_group).float()
         if loss_from:
             if not token_losses or self.sequence_parallel:

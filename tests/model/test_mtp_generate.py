@@ -114,6 +114,33 @@ def test_greedy_generate_equals_a_naive_loop(kw):
     assert torch.equal(got_naive_cache, expected)
 
 
+def test_logits_to_keep_gives_the_last_positions_logits():
+    """logits_to_keep=k runs the head on the last k positions: the same values as every position's
+    logits sliced, without a cache, as a generation's prefill (whose decode step after it is
+    unchanged), and on the sequence-parallel branch (one rank: the gathers are identities)."""
+    from megads.model.cache import MLACache
+
+    cfg = cfg_for()
+    model = make(cfg, seed=2).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens)
+        for k in (1, 3):
+            got = model(tokens, logits_to_keep=k)
+            assert got.shape == (2, k, cfg.vocab_size)
+            torch.testing.assert_close(got, full[:, -k:], rtol=0, atol=1e-6)
+        cache, ref_cache = MLACache(cfg, 2, 8), MLACache(cfg, 2, 8)
+        torch.testing.assert_close(model(tokens, cache=cache, logits_to_keep=1), full[:, -1:], rtol=0, atol=1e-6)
+        model(tokens, cache=ref_cache)
+        nxt = full[:, -1].argmax(-1, keepdim=True)
+        assert torch.equal(model(nxt, cache=cache), model(nxt, cache=ref_cache))
+        model.sequence_parallel = True
+        try:
+            torch.testing.assert_close(model(tokens, logits_to_keep=2), full[:, -2:], rtol=0, atol=1e-6)
+        finally:
+            model.sequence_parallel = False
+
+
 def test_generate_restores_training_mode_and_needs_no_grad():
     cfg = cfg_for()
     model = make(cfg).train()
