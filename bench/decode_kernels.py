@@ -10,8 +10,8 @@ Four tables, all in one run on the machine at hand (float32, the `small` preset'
    megads::latent_attention_rows, as ms per layer and GB/s of cache read;
 4. the whole decode step of the model at B rows after a prompt, with each change turned on in
    turn (as before the fourth session -> + W @ x^T up to 128 rows -> + padded experts -> + one
-   [latent | rope key] cache buffer -> + the few-row kernels -> + the decode-attention kernel =
-   today's default). Each row's logits are compared with the first's.
+   [latent | rope key] cache buffer -> + the few-row kernels -> + the decode-attention kernel ->
+   + the native RMSNorm = today's default). Each row's logits are compared with the first's.
 A read bandwidth (a large tensor's sum) is measured in the same run for scale.
 
     PYTHONPATH=. .venv/bin/python bench/decode_kernels.py        # ~4 min on 2 cores
@@ -130,15 +130,17 @@ def attention_table(cfg, shapes, layers: int = 6):
 
 
 @contextlib.contextmanager
-def settings(transposed_rows: int, padded: bool, joint: bool, kernels: bool, attention: bool = False):
+def settings(transposed_rows: int, padded: bool, joint: bool, kernels: bool, attention: bool = False,
+             rmsnorm: bool = False):
     """Turn the fourth and fifth sessions' decode changes on or off (module constants; restored after)."""
     from megads.model import cache as cache_mod
+    from megads.model import norm
     from megads.model.mla import MLA
     from megads.ops import grouped
     from megads.parallel import tensor
 
     saved = (tensor.ROWS_TRANSPOSED, tensor.ROWS_KERNEL, grouped.SWIGLU_ROWS, grouped.PADDED_ROWS,
-             cache_mod.LayerCache.joint, MLA._attend_rows)
+             cache_mod.LayerCache.joint, MLA._attend_rows, norm.row_kernels)
     tensor.ROWS_TRANSPOSED = (32, transposed_rows)
     tensor.ROWS_KERNEL = tensor.ROWS_KERNEL if kernels else 0
     grouped.SWIGLU_ROWS = grouped.SWIGLU_ROWS if kernels else 0
@@ -147,11 +149,13 @@ def settings(transposed_rows: int, padded: bool, joint: bool, kernels: bool, att
         cache_mod.LayerCache.joint = lambda self, end: None
     if not attention:
         MLA._attend_rows = lambda self, *a: None
+    if not rmsnorm:
+        norm.row_kernels = lambda *a: False
     try:
         yield
     finally:
         (tensor.ROWS_TRANSPOSED, tensor.ROWS_KERNEL, grouped.SWIGLU_ROWS, grouped.PADDED_ROWS,
-         cache_mod.LayerCache.joint, MLA._attend_rows) = saved
+         cache_mod.LayerCache.joint, MLA._attend_rows, norm.row_kernels) = saved
 
 
 STAGES = [("as before the fourth session", dict(transposed_rows=32, padded=False, joint=False, kernels=False)),
@@ -159,8 +163,10 @@ STAGES = [("as before the fourth session", dict(transposed_rows=32, padded=False
           ("+ padded experts (64-512 rows)", dict(transposed_rows=128, padded=True, joint=False, kernels=False)),
           ("+ one [latent | rope] cache buffer", dict(transposed_rows=128, padded=True, joint=True, kernels=False)),
           ("+ native few-row kernels", dict(transposed_rows=128, padded=True, joint=True, kernels=True)),
-          ("+ decode-attention kernel (default)", dict(transposed_rows=128, padded=True, joint=True, kernels=True,
-                                                       attention=True))]
+          ("+ decode-attention kernel", dict(transposed_rows=128, padded=True, joint=True, kernels=True,
+                                             attention=True)),
+          ("+ native RMSNorm (default)", dict(transposed_rows=128, padded=True, joint=True, kernels=True,
+                                              attention=True, rmsnorm=True))]
 
 
 def step_table(cfg, shapes, reps: int):

@@ -743,6 +743,63 @@ Tensor latent_attention_rows_cpu(const Tensor& q_in, const Tensor& joint, const 
   return out;
 }
 
+// ------------------------------------------------------------------ RMSNorm of a few rows
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, float32, inference only: a decode step normalises a
+// handful of rows 25 times, where torch's rms_norm spends ~20 us in the ops it is made of.
+using RmsFn = void (*)(const float* x, const float* w, int64_t n, float eps, float* y);
+
+void rms_plain(const float* x, const float* w, int64_t n, float eps, float* y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+#ifdef MEGADS_X86
+__attribute__((target("avx2,fma"))) void rms_avx2(const float* x, const float* w, int64_t n, float eps, float* y) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+  }
+  const __m256 s = _mm256_add_ps(a0, a1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  float ss = _mm_cvtss_f32(h);
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
+  for (; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+#endif
+
+Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
+  check_float("rms_norm_rows", {&x_in, &w_in});
+  TORCH_CHECK(x_in.dim() >= 1 && w_in.dim() == 1 && x_in.size(-1) == w_in.size(0),
+              "rms_norm_rows: x [..., D], w [D]");
+  const Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  Tensor y = at::empty_like(x);
+  const int64_t D = x.size(-1), R = D ? x.numel() / D : 0;
+  if (R == 0) return y;
+  RmsFn fn = &rms_plain;
+#ifdef MEGADS_X86
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) fn = &rms_avx2;
+#endif
+  const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(xp + r * D, wp, D, e, yp + r * D);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(megads, CPU, m) {
@@ -755,6 +812,7 @@ TORCH_LIBRARY_IMPL(megads, CPU, m) {
   m.impl("linear_rows", &linear_rows_cpu);
   m.impl("expert_swiglu_rows", &expert_swiglu_rows_cpu);
   m.impl("latent_attention_rows", &latent_attention_rows_cpu);
+  m.impl("rms_norm_rows", &rms_norm_rows_cpu);
 }
 
 }  // namespace megads

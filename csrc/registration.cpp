@@ -32,6 +32,8 @@ TORCH_LIBRARY(megads, m) {
   // joint [B, T, C] cached rows, key_mask [B, T] bool (kept rows) -> o [B, H, value_dim] =
   // softmax(scale q . joint) joint[..., :value_dim]; rows with no kept key give zeros
   m.def("latent_attention_rows(Tensor q, Tensor joint, Tensor? key_mask, int value_dim, float scale) -> Tensor");
+  // inference only (no autograd), CPU float32: x [..., D], w [D] -> x / sqrt(mean(x^2) + eps) * w
+  m.def("rms_norm_rows(Tensor x, Tensor w, float eps) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -170,10 +170,12 @@ class MLA(nn.Module):
             return None
         w_uk, w_uv = self._absorb_uk()
         B = q_nope.shape[0]
-        q_lat = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)
+        # per-head products as bmm over the heads (about half einsum's time at these sizes)
+        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), w_uk).transpose(0, 1)  # [B, h, c]
         q = torch.cat([q_lat, q_pe[:, 0]], dim=-1)  # [B, h, c + rope]
         o_lat = torch.ops.megads.latent_attention_rows(q, joint, key_mask, self.kv_lora, self.scale)
-        return torch.einsum("bhc,hvc->bhv", o_lat, w_uv).view(B, 1, self.n_heads, self.vdim)
+        out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [h, B, v]
+        return out.transpose(0, 1).reshape(B, 1, self.n_heads, self.vdim)
 
     def _attend_absorbed(self, q_nope, q_pe, kv, pe, mask, joint=None):
         """Absorbed decode: q_lat = q_nope W_UK (per head), out = (p . c_kv) W_UV.

@@ -1,9 +1,12 @@
-"""RMSNorm: NVIDIA Apex's fused kernel on CUDA when importable, torch's rms_norm otherwise."""
+"""RMSNorm: NVIDIA Apex's fused kernel on CUDA when importable; on CPU without autograd (decoding)
+the native megads::rms_norm_rows where the library has it; torch's rms_norm otherwise."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megads.ops.grouped import row_kernels
 
 try:  # optional, built from source on GPU clusters; the PyPI "apex" is an unrelated package
     from apex.normalization import FusedRMSNorm as _ApexRMSNorm  # type: ignore
@@ -32,6 +35,8 @@ class RMSNorm(nn.Module):
             from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # type: ignore
 
             return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
+        if x.dim() >= 1 and row_kernels(x, self.weight):  # float32, CPU, no autograd: one native call
+            return torch.ops.megads.rms_norm_rows(x, self.weight, self.eps)
         # normalise in (at least) float32 like the reference implementations, then cast back
         dt = torch.promote_types(x.dtype, torch.float32)
         return F.rms_norm(x.to(dt), (x.shape[-1],), self.weight.to(dt), self.eps).to(x.dtype)

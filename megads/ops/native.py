@@ -50,17 +50,19 @@ def load() -> None:
         _kernels[dev] = torch._C._dispatch_has_kernel_for_dispatch_key("megads::route", key)
     # the decode-time few-row kernels (CPU only); a library built before they were added lacks them
     _kernels["rows"] = all(hasattr(torch.ops.megads, op) for op in
-                           ("linear_rows", "expert_swiglu_rows", "latent_attention_rows"))
+                           ("linear_rows", "expert_swiglu_rows", "latent_attention_rows", "rms_norm_rows"))
     if _kernels["rows"]:
         torch.library.register_fake("megads::linear_rows")(_linear_rows_fake)
         torch.library.register_fake("megads::expert_swiglu_rows")(_swiglu_rows_fake)
         torch.library.register_fake("megads::latent_attention_rows")(_latent_attention_rows_fake)
+        torch.library.register_fake("megads::rms_norm_rows")(_rms_norm_rows_fake)
     _loaded = True
 
 
 def has_row_kernels() -> bool:
     """Whether the loaded library has the CPU decode kernels `megads::linear_rows`,
-    `megads::expert_swiglu_rows` and `megads::latent_attention_rows` (float32, no autograd)."""
+    `megads::expert_swiglu_rows`, `megads::latent_attention_rows` and `megads::rms_norm_rows`
+    (float32, no autograd)."""
     return _kernels.get("rows", False)
 
 
@@ -189,6 +191,10 @@ def _swiglu_rows_fake(x, offsets, w1, w3, w2):
 
 def _latent_attention_rows_fake(q, joint, key_mask, value_dim, scale):
     return q.new_empty(q.shape[0], q.shape[1], value_dim)
+
+
+def _rms_norm_rows_fake(x, w, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _register() -> None:

@@ -1,6 +1,6 @@
 """The CPU decode kernels (megads::linear_rows, megads::expert_swiglu_rows,
-megads::latent_attention_rows) against float64 products and softmaxes written here; where the
-model takes them; their refusals; under torch.compile."""
+megads::latent_attention_rows, megads::rms_norm_rows) against float64 products, softmaxes and
+norms written here; where the model takes them; their refusals; under torch.compile."""
 from __future__ import annotations
 
 import pytest
@@ -83,6 +83,47 @@ def test_latent_attention_rows_equals_float64_softmax(native, B, H, C, V, T, mas
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(4, 1, 512), (3, 7), (2, 5, 33), (1, 16), (0, 8), (9,)])
+def test_rms_norm_rows_equals_float64_formula(native, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    y = torch.ops.megads.rms_norm_rows(x, w, 1e-6)
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert y.shape == x.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+    if x.dim() >= 2 and x.shape[0] > 1:  # a non-contiguous input is read correctly
+        xt = x.transpose(0, -2).contiguous().transpose(0, -2) if x.dim() > 2 else x.T.contiguous().T
+        torch.testing.assert_close(torch.ops.megads.rms_norm_rows(xt, w, 1e-6), y)
+
+
+def test_rmsnorm_module_takes_the_kernel_only_without_autograd(native, monkeypatch):
+    from megads import ops
+    from megads.model.norm import RMSNorm
+
+    calls = []
+    real = torch.ops.megads.rms_norm_rows
+    monkeypatch.setattr(torch.ops.megads, "rms_norm_rows", lambda *a: calls.append(1) or real(*a), raising=False)
+    norm = RMSNorm(24, eps=1e-5)
+    norm.weight.data.normal_()
+    x = torch.randn(3, 2, 24)
+    prev = ops.set_backend("native")
+    try:
+        with torch.no_grad():
+            got = norm(x)
+            assert len(calls) == 1
+            norm(x.double())  # float64: torch's rms_norm
+        want = norm(x)  # autograd: torch's rms_norm
+        assert len(calls) == 1 and want.requires_grad
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+        ops.set_backend("torch")
+        with torch.no_grad():
+            norm(x)
+        assert len(calls) == 1
+    finally:
+        ops.set_backend(prev)
+
+
 def test_row_kernels_refuse_what_they_cannot_do(native):
     w = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="float32 only"):
@@ -106,6 +147,10 @@ def test_row_kernels_refuse_what_they_cannot_do(native):
             torch.ops.megads.latent_attention_rows(q, joint, torch.ones(2, 4, dtype=torch.bool), 4, 1.0)
         with pytest.raises(RuntimeError, match=r"key_mask must be bool \[B, T\]"):
             torch.ops.megads.latent_attention_rows(q, joint, torch.ones(2, 5), 4, 1.0)
+        with pytest.raises(RuntimeError, match="float32 only"):
+            torch.ops.megads.rms_norm_rows(q.double(), torch.ones(8, dtype=torch.float64), 1e-6)
+        with pytest.raises(RuntimeError, match=r"x \[\.\.\., D\], w \[D\]"):
+            torch.ops.megads.rms_norm_rows(q, torch.ones(7), 1e-6)
 
 
 def test_model_decode_takes_the_row_kernels_only_without_autograd(native, monkeypatch):
@@ -164,6 +209,7 @@ def test_row_kernels_compile_without_graph_breaks(native):
 
         def step(x):
             y = ops.grouped_swiglu(linear(x, w), w1, w3, w2, offsets)
+            y = torch.ops.megads.rms_norm_rows(y, w[0], 1e-6)
             return torch.ops.megads.latent_attention_rows(y.view(5, 1, D), joint, keep, 8, 0.25)
 
         x = torch.randn(5, D, generator=g)
