@@ -687,7 +687,10 @@ Tensor latent_attention_rows_cpu(const Tensor& q_in, const Tensor& joint, const 
   }
   Tensor out = at::zeros({B, H, value_dim}, q.options());
   if (B == 0 || H == 0 || T == 0) return out;
-  const int64_t TC = 128, nC = divup(T, TC), V = value_dim, SB = 16;  // rows per chunk, per score block
+  // chunks of at least 128 cached rows, enough of them for ~16 work items (fixed by the shapes, not
+  // the thread count, so results do not depend on it); scratch stays B x chunks x H x V floats
+  const int64_t TC = std::max<int64_t>(128, divup(T, divup(16, B))), nC = divup(T, TC), V = value_dim;
+  const int64_t SB = 16;  // rows per score block
   // per (b, chunk): running max m [H], sum l [H], unnormalised output acc [H, V]
   std::vector<float> m(B * nC * H), l(B * nC * H), acc(B * nC * H * V);
   const float* qp = q.const_data_ptr<float>();
