@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
@@ -414,6 +415,18 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_y, const Te
 // float32 only, inference only (no autograd); AVX2+FMA where the CPU has it, plain loops
 // otherwise (the dispatch is at run time, so the library still builds for any x86-64).
 
+#ifdef MEGADS_X86
+// The AVX2+FMA kernels where the CPU has them, unless MEGADS_CPU_PLAIN=1 (read once per process:
+// the tests run the plain loops, which CPUs without AVX2 and non-x86 builds use, this way)
+bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && [] {
+    const char* v = std::getenv("MEGADS_CPU_PLAIN");
+    return !(v && v[0] && std::strcmp(v, "0") != 0);
+  }();
+  return yes;
+}
+#endif
+
 // out[r * ostride] = w . x[r * ld ..] for r < R (R <= 4), n elements each
 using DotsFn = void (*)(const float* w, const float* x, int64_t ld, int R, int64_t n, float* out, int64_t ostride);
 
@@ -463,7 +476,7 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* w, const float* 
 
 DotsFn pick_dots() {
 #ifdef MEGADS_X86
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &dots_avx2;
+  if (use_avx2()) return &dots_avx2;
 #endif
   return &dots_plain;
 }
@@ -663,7 +676,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* const* rows, in
 
 BlockFn pick_block() {
 #ifdef MEGADS_X86
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &block_avx2;
+  if (use_avx2()) return &block_avx2;
 #endif
   return &block_plain;
 }
@@ -792,7 +805,7 @@ Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
   if (R == 0) return y;
   RmsFn fn = &rms_plain;
 #ifdef MEGADS_X86
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) fn = &rms_avx2;
+  if (use_avx2()) fn = &rms_avx2;
 #endif
   const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>();
   float* yp = y.data_ptr<float>();

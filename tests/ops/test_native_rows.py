@@ -3,6 +3,12 @@ megads::latent_attention_rows, megads::rms_norm_rows) against float64 products, 
 norms written here; where the model takes them; their refusals; under torch.compile."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -278,3 +284,17 @@ def test_model_decode_attention_takes_the_kernel_only_where_it_applies(native, m
         torch.testing.assert_close(step[:, 0], want[:, 6], rtol=0, atol=1e-5)
     finally:
         ops.set_backend(prev)
+
+
+@pytest.mark.skipif(os.environ.get("MEGADS_CPU_PLAIN", "0") not in ("", "0"), reason="already the plain loops")
+def test_plain_loops_equal_float64_references(native):
+    """The kernels' plain loops (CPUs without AVX2+FMA, non-x86 builds), chosen here with
+    MEGADS_CPU_PLAIN=1 in a fresh process: this file's float64 comparisons, refusals and model
+    equalities run again through them."""
+    env = dict(os.environ, MEGADS_CPU_PLAIN="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                        "-k", "equals or refuse or takes"], cwd=Path(__file__).resolve().parents[2], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= 20 and "failed" not in r.stdout, r.stdout[-3000:]
