@@ -28,7 +28,7 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.48"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.48"],
         "bench": ["trl>=0.20"],  # the GRPO peer in bench/grpo.py
         "mpi": ["mpich"],
     },
