@@ -31,7 +31,7 @@ train: $(STAMP)
 # The suite in two passes (tests/conftest.py says which tests are `serial` and why): the rest on
 # TEST_WORKERS pytest-xdist workers, one intra-op thread each, then the serial ones alone.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadgroup -m "not serial" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile -m "not serial" tests
 	$(PY) -m pytest -q -x -m serial tests
 
 bench: $(STAMP)

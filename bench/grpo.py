@@ -171,6 +171,31 @@ def run_trl(out: Path, hf_dir: Path, tok, records: list[dict], a, steps: int) ->
 
 # ---------------------------------------------------------------------------------- main
 
+def shared_prefill(model, prompts: list[list[int]], pad: int, a) -> dict:
+    """One step's rollout through megads.model.generate with each prompt prefilled once
+    (share_prompts, the default) and with every row prefilled (as transformers' generate does):
+    best of 3 alternated calls each, the same per-row generators, tokens compared."""
+    from megads.model.generate import generate
+    from megads.rl.rollout import row_generators
+
+    rows = [p for p in prompts for _ in range(a.group_size)]
+    S = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), S), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, S - len(r):] = torch.tensor(r)
+    mask = tokens != pad
+    best, outs = {True: float("inf"), False: float("inf")}, {}
+    for _ in range(3):
+        for share in (False, True):
+            gens = row_generators(a.seed, 0, [(i // a.group_size, i % a.group_size) for i in range(len(rows))])
+            t = time.perf_counter()
+            outs[share] = generate(model, tokens, max_new_tokens=a.max_new_tokens, temperature=1.0,
+                                   attention_mask=mask, pad_token_id=pad, generator=gens, share_prompts=share)
+            best[share] = min(best[share], time.perf_counter() - t)
+    return {"per_row": best[False], "shared": best[True], "equal": bool(torch.equal(outs[True], outs[False])),
+            "rows": len(rows), "S": S}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1 min)")
@@ -248,6 +273,9 @@ def main(argv=None) -> int:
         assert agree < 1e-4, f"megads and transformers disagree on the exported weights (rel err {agree:.2e})"
         impl = f"attn={theirs.config._attn_implementation}, experts={theirs.config._experts_implementation}"
         n_params = sum(t.numel() for t in ours.parameters())
+        pad = tok.pad_id if tok.pad_id is not None else 0
+        share = shared_prefill(ours, [render_prompt(tok, records[int(i)]["prompt"], "r1-zero")
+                                      for i in order[:a.prompts]], pad, a)
         del ours, theirs
 
         res = {"megads": [], "TRL": []}
@@ -311,6 +339,10 @@ def main(argv=None) -> int:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
         if r is head:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print(f"\nmegads rollout of one step's prompts ({share['rows']} rows = {a.prompts} prompts x G={a.group_size}, "
+          f"left-padded to {share['S']} tokens, {a.max_new_tokens} new, generate, best of 3): every row prefilled "
+          f"{share['per_row']:.3f} s, each prompt prefilled once (share_prompts, the default) {share['shared']:.3f} s "
+          f"({share['per_row'] / share['shared']:.2f}x); tokens equal: {share['equal']}")
     ratio = M["tps"] / T["tps"]
     print(f"\ntarget megads >= 3x TRL step throughput (completion tokens/s): {ratio:.2f}x -> "
           f"{'met' if ratio >= 3 else 'NOT met'}")

@@ -11,9 +11,10 @@ os.environ["MEGADS_PRECISION_AUTO"] = "fp32"
 
 # ------------------------------------------------------------------ running the suite in parallel
 # `make test` runs the suite in two passes: every test not marked `serial` on two pytest-xdist
-# workers (`-n 2 --dist loadgroup`), then the `serial` ones alone. A plain `pytest tests` runs
-# everything in one process, as before. A test is `serial` when it measures wall time against a
-# bound, or touches machine-wide state another worker's test would see or disturb:
+# workers (`-n 2 --dist loadfile`: a file's tests stay on one worker, so its module fixtures are
+# built once), then the `serial` ones alone. A plain `pytest tests` runs everything in one
+# process, as before. A test is `serial` when it bounds wall time, or touches machine-wide state
+# that another worker's test would see or disturb:
 SERIAL = {
     "rl/test_sandbox.py": "wall-time bounds; watches /tmp, mounts and the sandbox uids' processes",
     "rl/test_rewards.py": "the judge's deadlines and the code reward's sandbox",
@@ -21,9 +22,6 @@ SERIAL = {
     "parallel/test_multinode.py": "network namespaces and a veth pair",
     "parallel/test_launch.py": "MPI port discovery, mpiexec and launcher ports",
 }
-# Tests sharing a session fixture that is costly to build stay on one worker (each xdist worker
-# builds its own session fixtures); every other file is one group, so module fixtures are built once.
-GROUPS = {"sweep/": "sweep"}
 
 
 def pytest_configure(config):
@@ -31,13 +29,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
     from pathlib import Path
+
+    import pytest
 
     tests = Path(__file__).resolve().parent
     for item in items:
-        rel = Path(str(item.fspath)).resolve().relative_to(tests).as_posix()
-        if rel in SERIAL:
+        if Path(str(item.fspath)).resolve().relative_to(tests).as_posix() in SERIAL:
             item.add_marker(pytest.mark.serial)
-        group = next((g for prefix, g in GROUPS.items() if rel.startswith(prefix)), rel)
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -74,6 +74,17 @@ class LayerCache:
         """[latent | rope key] rows [B, end, kv_lora + rope] of an unquantized cache, else None."""
         return None if self.latent is None else self.latent[:, :end]
 
+    def select_rows(self, index: torch.Tensor) -> "LayerCache":
+        """A cache of len(index) rows: row i a copy of row index[i] (all max_len positions)."""
+        new = LayerCache.__new__(LayerCache)
+        new.quant, new.dtype = self.quant, self.dtype
+        new.latent = None if self.latent is None else self.latent.index_select(0, index)
+        kv_lora = self.kv.shape[-1]
+        new.kv = new.latent[..., :kv_lora] if new.latent is not None else self.kv.index_select(0, index)
+        new.pe = new.latent[..., kv_lora:] if new.latent is not None else self.pe.index_select(0, index)
+        new.scale = None if self.scale is None else self.scale.index_select(0, index)
+        return new
+
     def bytes_per_token(self) -> int:
         per = self.kv[0, 0].numel() * self.kv.element_size() + self.pe[0, 0].numel() * self.pe.element_size()
         if self.scale is not None:
@@ -107,6 +118,19 @@ class MLACache:
 
     def bytes_per_token(self) -> int:
         return sum(layer.bytes_per_token() for layer in self.layers)
+
+    def select_rows(self, index: torch.Tensor):
+        return select_rows(self, index)
+
+
+def select_rows(cache, index: torch.Tensor):
+    """A copy of a whole-model cache (MLACache or mha.KVCache) with len(index) rows, row i a copy
+    of row index[i], filled to the same length: generate prefills each distinct prompt once and
+    gives every sample of it a copy of that prompt's rows."""
+    new = type(cache).__new__(type(cache))
+    new.__dict__.update(cache.__dict__)
+    new.layers = [layer.select_rows(index) for layer in cache.layers]
+    return new
 
 
 def new_cache(cfg: ModelConfig, batch: int, max_len: int, **kw):

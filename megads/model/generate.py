@@ -54,7 +54,8 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
              top_p: float = 1.0, stop_tokens=(), attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, cache_quant: str | None = None, naive: bool = False,
              generator: torch.Generator | None = None, return_logprobs: bool = False, stop_fn=None,
-             sync: bool = False, finish_check: int | None = None, decode: str = "auto"):
+             sync: bool = False, finish_check: int | None = None, decode: str = "auto",
+             share_prompts: bool = True):
     """tokens int64 [B, S] (left-padded) -> [B, S + max_new_tokens].
 
     Finished rows (a stop token was produced) are filled with pad_token_id (or their stop token).
@@ -69,6 +70,9 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     "compile" or "graph" (the fixed-shape step of megads.model.static: eager, torch.compile'd, or
     a CUDA graph replayed each step), or "auto": "graph" on CUDA where the model allows it
     (megads.model.static.graph_support), else "eager".
+    share_prompts: rows with the same prompt (tokens and mask; a GRPO group's G samples) are
+    prefilled once, and each row's cache is a copy of its prompt's (an RL rollout's prefill then
+    costs its distinct prompts, not B rows).
     """
     if finish_check is None:
         finish_check = 1 if tokens.device.type == "cpu" else 16
@@ -82,15 +86,22 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     mask[:, :S] = attention_mask.bool()
     positions = (mask[:, :S].long().cumsum(-1) - 1).clamp_min(0)
     dtype = next(model.parameters()).dtype
-    cache = new_cache(model.cfg, B, S + max_new_tokens, dtype=dtype, device=device, quant=cache_quant, naive=naive)
+    rows, index = _distinct_prompts(tokens, mask[:, :S]) if share_prompts else (None, None)
+    cache = new_cache(model.cfg, B if rows is None else len(rows), S + max_new_tokens, dtype=dtype, device=device,
+                      quant=cache_quant, naive=naive)
     out = torch.empty(B, S + max_new_tokens, dtype=tokens.dtype, device=device)
     out[:, :S] = tokens
     stop = torch.tensor(list(stop_tokens), dtype=tokens.dtype, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     fill = pad_token_id if pad_token_id is not None else (int(stop[0]) if len(stop) else 0)
+    if rows is None:
+        logits = model(tokens, positions=positions, cache=cache, attention_mask=mask[:, :S], naive=naive,
+                       logits_to_keep=1)[:, -1]  # the prompt's last position alone needs the head
+    else:
+        logits = model(tokens[rows], positions=positions[rows], cache=cache, attention_mask=mask[rows, :S],
+                       naive=naive, logits_to_keep=1)[:, -1].index_select(0, index)
+        cache = cache.select_rows(index)
     step = _decode_step(model, cache, mask, decode, naive)
-    logits = model(tokens, positions=positions, cache=cache, attention_mask=mask[:, :S], naive=naive,
-                   logits_to_keep=1)[:, -1]  # the prompt's last position alone needs the head
     next_pos = positions[:, -1] + 1
     n_done = 0
     if return_logprobs:
@@ -130,6 +141,21 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 32, temperature:
     if return_logprobs:
         return out, logps, ents, lengths
     return out
+
+
+def _distinct_prompts(tokens: torch.Tensor, mask: torch.Tensor):
+    """(rows, index): one row of each distinct (tokens, mask) row, and for every row the position
+    of its prompt in `rows`; (None, None) when all rows differ."""
+    B = tokens.shape[0]
+    if B < 2:
+        return None, None
+    _, index = torch.unique(torch.cat([tokens, mask.to(tokens.dtype)], 1), dim=0, return_inverse=True)
+    n = int(index.max()) + 1
+    if n == B:
+        return None, None
+    rows = torch.full((n,), B, dtype=torch.long, device=tokens.device)
+    rows.scatter_reduce_(0, index, torch.arange(B, device=tokens.device), "amin")
+    return rows, index
 
 
 def _decode_step(model, cache, mask, decode: str, naive: bool):

@@ -127,6 +127,13 @@ class KVLayerCache:
         """Keys [B, end, h, d_qk] and values [B, end, h, d_v]."""
         return self.k[:, :end], self.v[:, :end]
 
+    def select_rows(self, index: torch.Tensor) -> "KVLayerCache":
+        """A cache of len(index) rows: row i a copy of row index[i] (all max_len positions)."""
+        new = KVLayerCache(len(index), self.max_len, self.dtype, self.device)
+        if self.k is not None:
+            new.k, new.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        return new
+
     def bytes_per_token(self) -> int:
         if self.k is None:
             return 0
@@ -158,3 +165,8 @@ class KVCache:
 
     def bytes_per_token(self) -> int:
         return sum(layer.bytes_per_token() for layer in self.layers)
+
+    def select_rows(self, index: torch.Tensor):
+        from megads.model.cache import select_rows
+
+        return select_rows(self, index)

@@ -162,12 +162,15 @@ class MoE(nn.Module):
             aux = aux + self._expert_balance_loss(logits, indices, token_mask)
         if self.split_group is not None:
             n, r = group_size(self.split_group), group_rank(self.split_group)
-            if flat.shape[0] % n:
-                raise ValueError(f"MoE token split: {flat.shape[0]} tokens not divisible by tp={n}")
+            pad = -flat.shape[0] % n  # e.g. a prefill of an odd number of tokens: zero-weight rows
+            if pad:
+                flat = torch.cat([flat, flat.new_zeros(pad, D)])
+                weights = torch.cat([weights, weights.new_zeros(pad, weights.shape[1])])
+                indices = torch.cat([indices, indices[:1].expand(pad, -1)])
             mine = self.dispatcher(scatter_to_tp(flat, self.split_group, dim=0),
                                    scatter_to_tp(weights, self.split_group, dim=0),
                                    indices.chunk(n, dim=0)[r], self.experts)
-            y = gather_from_tp(mine, self.split_group, dim=0).view(B, S, D)
+            y = gather_from_tp(mine, self.split_group, dim=0)[:B * S].view(B, S, D)
         else:
             y = self.dispatcher(flat, weights, indices, self.experts).view(B, S, D)
         if self.shared is not None:
