@@ -72,7 +72,8 @@ def run_megads(out: Path, hf_dir: Path, tok_dir: str, a, steps: int) -> list[dic
             f"train.lr={LR:.1e}", f"train.min_lr={LR:.1e}", "train.warmup_steps=0", "train.weight_decay=0.0",
             f"train.max_steps={steps}", f"train.output_dir={out}", "train.progress=false",
             "train.save_interval=100000", "train.eval_interval=100000", "train.tensorboard=false",
-            "parallel.zero_stage=0", "train.samples_at_end=0", f"grpo.rollout_decode={a.rollout_decode}"]
+            "parallel.zero_stage=0", "train.samples_at_end=0", f"grpo.rollout_decode={a.rollout_decode}",
+            f"grpo.share_prompts={str(not a.no_share_prompts).lower()}"]
     cmd = [sys.executable, "-m", "megads", "train", CONFIG, *[x for s in sets for x in ("--set", s)],
            "--resume", "none"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(a.threads))  # the loop honours it
@@ -193,7 +194,46 @@ def shared_prefill(model, prompts: list[list[int]], pad: int, a) -> dict:
                                    attention_mask=mask, pad_token_id=pad, generator=gens, share_prompts=share)
             best[share] = min(best[share], time.perf_counter() - t)
     return {"per_row": best[False], "shared": best[True], "equal": bool(torch.equal(outs[True], outs[False])),
-            "rows": len(rows), "S": S}
+            "rows": len(rows), "S": S, "tokens": outs[True], "mask": mask}
+
+
+def packed_logprobs(model, share: dict, a) -> dict:
+    """The log-prob forward+backward of one step's rollout (share's tokens; every completion token
+    kept) in micro-batches of --micro-batch rows, as GRPO runs it: every row whole, and each
+    prompt once for its completions in the micro-batch (grpo.share_prompts, megads.rl.pack).
+    Best of 3 alternated passes; the largest log-prob difference of the two."""
+    from megads.rl.pack import pack_rows, shared_runs, unpack_segments
+
+    x, pmask = share["tokens"], share["mask"]
+    S = pmask.shape[1]
+    attn = torch.cat([pmask, torch.ones(x.shape[0], x.shape[1] - S, dtype=torch.bool)], dim=1)
+    positions = (attn.long().cumsum(-1) - 1).clamp_min(0)
+    labels = x[:, 1:].clone()
+    labels[:, :S - 1] = -100
+    model.train()
+    best, out = {1: float("inf"), 0: float("inf")}, {}
+    for _ in range(3):
+        for packed in (0, 1):
+            t = time.perf_counter()
+            parts = []
+            for m in range(0, x.shape[0], a.micro_batch):
+                sl = slice(m, m + a.micro_batch)
+                rows = (x[sl, :-1], labels[sl], positions[sl, :-1], attn[sl, :-1])
+                g = shared_runs(rows[0][:, :S - 1], rows[3][:, :S - 1], S - 1) if packed else 1
+                kw = {"token_losses": True, "loss_from": S - 1}
+                if g > 1:
+                    rows = pack_rows(S - 1, g, *rows)
+                    kw["shared_prefix"] = (S - 1, g)
+                tl = model(rows[0], rows[1], positions=rows[2], attention_mask=rows[3], **kw).token_losses
+                tl = unpack_segments(tl, g) if g > 1 else tl
+                tl.sum().backward()
+                parts.append(tl.detach())
+            best[packed] = min(best[packed], time.perf_counter() - t)
+            out[packed] = torch.cat(parts)
+            model.zero_grad(set_to_none=True)
+    model.eval()
+    return {"rows": best[0], "packed": best[1], "diff": float((out[0] - out[1]).abs().max()),
+            "group": min(a.group_size, a.micro_batch)}
 
 
 def main(argv=None) -> int:
@@ -214,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--rollout-decode", default="auto", choices=("auto", "eager", "static", "compile"),
                    help="megads's grpo.rollout_decode (compile: the decode step through torch.compile, compiled "
                         "in the first, dropped, steps)")
+    p.add_argument("--no-share-prompts", action="store_true",
+                   help="megads's log-prob forward runs every row whole (grpo.share_prompts=false)")
     a = p.parse_args(argv)
     q = a.quick
     a.prompts = a.prompts or (4 if q else 8)
@@ -276,6 +318,7 @@ def main(argv=None) -> int:
         pad = tok.pad_id if tok.pad_id is not None else 0
         share = shared_prefill(ours, [render_prompt(tok, records[int(i)]["prompt"], "r1-zero")
                                       for i in order[:a.prompts]], pad, a)
+        pack = packed_logprobs(ours, share, a)
         del ours, theirs
 
         res = {"megads": [], "TRL": []}
@@ -343,6 +386,10 @@ def main(argv=None) -> int:
           f"left-padded to {share['S']} tokens, {a.max_new_tokens} new, generate, best of 3): every row prefilled "
           f"{share['per_row']:.3f} s, each prompt prefilled once (share_prompts, the default) {share['shared']:.3f} s "
           f"({share['per_row'] / share['shared']:.2f}x); tokens equal: {share['equal']}")
+    print(f"megads log-prob forward+backward of that rollout (micro-batches of {a.micro_batch}, best of 3): "
+          f"every row whole {pack['rows']:.3f} s, each prompt once for its {pack['group']} completions in a "
+          f"micro-batch (grpo.share_prompts, the default) {pack['packed']:.3f} s ({pack['rows'] / pack['packed']:.2f}x); "
+          f"largest log-prob difference {pack['diff']:.1e}")
     ratio = M["tps"] / T["tps"]
     print(f"\ntarget megads >= 3x TRL step throughput (completion tokens/s): {ratio:.2f}x -> "
           f"{'met' if ratio >= 3 else 'NOT met'}")

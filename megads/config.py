@@ -324,6 +324,9 @@ class GRPOConfig:
     # how each decode step runs (megads.model.static): auto (a CUDA graph on CUDA where the model
     # allows it, else eager) | eager | static | compile (torch.compile'd once per process) | graph
     rollout_decode: str = "auto"
+    # the log-prob forward computes each prompt once for the micro-batch's completions of it (rows
+    # packed by prompt, megads.rl.pack) where that takes fewer FLOPs; false: every row whole
+    share_prompts: bool = True
 
     def validate(self, where: str = "grpo") -> None:
         from megads.rl.loss import AGGREGATIONS

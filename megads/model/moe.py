@@ -132,11 +132,15 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None  # tokens per expert of the last forward
         self.last_aux: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                seq_groups: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, D] -> (y [B, S, D], sequence-wise balance loss (0 when alpha = 0)).
 
         token_mask [B, S_full] (packed SFT rows: False on padding): padding is still routed (its
-        output is never used) but not counted in the expert loads that drive the bias update."""
+        output is never used) but not counted in the expert loads that drive the bias update. A
+        float token_mask weighs each position (the number of sequences it stands for). seq_groups
+        (prefix, group): each row holds `group` sequences sharing its first `prefix` positions
+        (Transformer.forward's shared_prefix); the sequence-wise loss is taken over those."""
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         weights, indices, counts, logits = self.gate(flat)
@@ -144,14 +148,20 @@ class MoE(nn.Module):
             if self.sp_group is not None:  # this rank's sequence chunk
                 token_mask = token_mask.chunk(group_size(self.sp_group), dim=1)[group_rank(self.sp_group)]
             keep = token_mask.reshape(B * S)
-            counts = torch.bincount(indices[keep].reshape(-1), minlength=self.cfg.n_routed_experts).to(counts.dtype)
+            E = self.cfg.n_routed_experts
+            if keep.dtype == torch.bool:
+                kept = torch.bincount(indices[keep].reshape(-1), minlength=E)
+            else:  # whole numbers of sequences per position
+                kept = torch.bincount(indices.reshape(-1), keep.repeat_interleave(indices.shape[1]).double(),
+                                      minlength=E).round()
+            counts = kept.to(counts.dtype)
         self.last_counts = counts.detach()
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.training and self.cfg.seq_aux_alpha > 0:
             scores = ops.router_scores(logits, self.cfg.score_func)
             k, E = self.cfg.num_experts_per_tok, self.cfg.n_routed_experts
-            hits, p_sum = ops.reference.balance_loss_sums(scores, indices, B, k)
-            seq = S
+            hits, p_sum = ops.reference.balance_loss_sums(scores, indices, B, k, seq_groups)
+            seq = S if seq_groups is None else seq_groups[0] + (S - seq_groups[0]) // seq_groups[1]
             if self.sp_group is not None:  # add up the sequence chunks of the TP ranks
                 hits = hits.detach().clone()
                 torch.distributed.all_reduce(hits, group=self.sp_group)

@@ -37,6 +37,20 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same & (doc_ids >= 0).unsqueeze(-2)).unsqueeze(1)
 
 
+def shared_prefix_mask(keep: torch.Tensor, prefix: int, group: int) -> torch.Tensor:
+    """keep [B, S] kept keys of rows laid out as [a shared prefix of `prefix` positions | `group`
+    segments of (S - prefix) / group positions] -> bool [B, 1, S, S]: causal, and a segment's
+    positions see the prefix and their own segment only (each segment continues the prefix as
+    if it were alone after it)."""
+    B, S = keep.shape
+    seg_len = (S - prefix) // group
+    seg = torch.full((S,), -1, dtype=torch.long, device=keep.device)
+    seg[prefix:] = torch.arange(group, device=keep.device).repeat_interleave(seg_len)
+    causal = torch.ones(S, S, dtype=torch.bool, device=keep.device).tril()
+    visible = (seg.unsqueeze(0) == -1) | (seg.unsqueeze(0) == seg.unsqueeze(1))  # [query, key]
+    return (causal & visible).view(1, 1, S, S) & keep.bool().view(B, 1, 1, S)
+
+
 def mtp_targets(labels: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The labels MTP depth k predicts from positions [0, S-k): labels[i+k], ignored (-100) where
     position i+k lies in another document than i."""
@@ -77,10 +91,11 @@ class Block(nn.Module):
             self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, par.get("tp_group"), sp)
         self.is_moe = moe
 
-    def forward(self, h, cos, sin, cache=None, start=0, attn_mask=None, naive=False, token_mask=None):
+    def forward(self, h, cos, sin, cache=None, start=0, attn_mask=None, naive=False, token_mask=None,
+                seq_groups=None):
         h = h + self.attn(self.attn_norm(h), cos, sin, cache, start, attn_mask, naive)
         if self.is_moe:
-            y, aux = self.ffn(self.ffn_norm(h), token_mask)
+            y, aux = self.ffn(self.ffn_norm(h), token_mask, seq_groups)
         else:
             y, aux = self.ffn(self.ffn_norm(h)), h.new_zeros((), dtype=torch.float32)
         return h + y, aux
@@ -238,7 +253,8 @@ class Transformer(nn.Module):
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,
                 naive: bool = False, doc_ids=None, num_items=None, token_losses: bool = False,
                 local_logits: bool = False, temperature: float = 1.0, loss_from: int = 0, stage: dict | None = None,
-                cache_index: torch.Tensor | None = None, logits_to_keep: int = 0):
+                cache_index: torch.Tensor | None = None, logits_to_keep: int = 0,
+                shared_prefix: tuple[int, int] | None = None):
         """tokens [B, S] int64. labels [B, S] (next tokens, -100 = ignore) gives an LMOutput.
 
         positions [B, S] (default 0..S-1, offset by the cache length); attention_mask [B, T] of
@@ -270,6 +286,14 @@ class Transformer(nn.Module):
         logits_to_keep (no labels): the output head runs on the last this many positions only and
         the logits are [B, logits_to_keep, V] (0: every position). A generation's prefill needs
         the last position's alone: the head is the largest product of a small model's prefill.
+
+        shared_prefix (prefix, group), with token_losses and attention_mask [B, S] of kept keys: each
+        row holds `group` sequences that begin with the same `prefix` tokens, laid out as [prefix |
+        the group's continuations, (S - prefix) / group positions each] (an RL batch's completions
+        of one prompt: megads.rl.pack). A continuation attends to the prefix and to itself, so its
+        log-probs are those of the sequence [prefix | continuation] alone, while the prefix is
+        computed once instead of `group` times; the balance statistics (expert loads, balance
+        losses) count each sequence whole, as the unpacked rows would.
         """
         B, S = tokens.shape
         start = cache.length if cache is not None else 0
@@ -281,7 +305,22 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + S, device=tokens.device)
         token_mask = None
-        if doc_ids is not None:
+        layer_kw = {}
+        if shared_prefix is not None:
+            prefix, group = shared_prefix
+            if (cache is not None or doc_ids is not None or stage is not None or not token_losses
+                    or attention_mask is None or attention_mask.dim() != 2 or self.sequence_parallel
+                    or group < 1 or prefix < 0 or (S - prefix) % group):
+                raise ValueError("shared_prefix: for token_losses on rows [prefix | group equal segments] with a "
+                                 "[B, S] attention_mask, without cache, doc_ids, pipeline stages or sequence "
+                                 f"parallelism (prefix {prefix}, group {group}, S {S})")
+            keep = attention_mask.bool()
+            attention_mask = shared_prefix_mask(keep, prefix, group)
+            # each prefix position stands for `group` sequences' positions in the expert loads
+            token_mask = keep.to(torch.float32)
+            token_mask[:, :prefix] *= group
+            layer_kw["seq_groups"] = (prefix, group)
+        elif doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids is for training on packed rows, not for cached generation")
             attention_mask = document_mask(doc_ids)
@@ -301,7 +340,7 @@ class Transformer(nn.Module):
             aux_total = aux_total + stage["aux"].reshape(())
         for i, block in enumerate(blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            kw = {"token_mask": token_mask} if token_mask is not None else {}
+            kw = {"token_mask": token_mask, **layer_kw} if token_mask is not None else {}
             h, aux = self._run_block(block, h, cos, sin, cache=layer_cache, start=start,
                                      attn_mask=attention_mask, naive=naive, **kw)
             aux_total = aux_total + aux

@@ -111,12 +111,26 @@ def unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, state: PermuteState
     return out.to(y_sorted.dtype)
 
 
-def balance_loss_sums(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k: int):
+def balance_loss_sums(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k: int,
+                      seq_groups: tuple[int, int] | None = None):
     """Per-sequence sums behind the balance loss: (hits [B, E], summed normalised scores [B, E]).
-    Sums, so sequence-parallel chunks can add theirs up."""
+    Sums, so sequence-parallel chunks can add theirs up. seq_groups (prefix, group): each of the
+    `batch` rows holds `group` sequences [its first `prefix` positions | their own segment of
+    (S - prefix) / group positions]; the sums are then per sequence, [B * group, E]."""
     T, E = scores.shape
     S = T // batch
     norm = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    if seq_groups is not None:
+        prefix, group = seq_groups
+        hit = torch.zeros(T, E, device=scores.device, dtype=scores.dtype)
+        hit.scatter_add_(1, indices, torch.ones_like(indices, dtype=scores.dtype))
+
+        def per_sequence(t):  # [T, E] -> [B * group, E]: the prefix's sum added to each segment's
+            t = t.view(batch, S, E)
+            segs = t[:, prefix:].reshape(batch, group, (S - prefix) // group, E).sum(2)
+            return (segs + t[:, :prefix].sum(1, keepdim=True)).reshape(batch * group, E)
+
+        return per_sequence(hit), per_sequence(norm)
     p_sum = norm.view(batch, S, E).sum(1)
     hits = torch.zeros(batch, E, device=scores.device, dtype=scores.dtype)
     hits.scatter_add_(1, indices.reshape(batch, S * top_k),

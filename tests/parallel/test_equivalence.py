@@ -202,6 +202,10 @@ def test_stage_layout_matches_single_process(stage, layout, teacher, grpo_tok, t
     got = run_layout(world, tp, ep, zero, tmp_path, extra=extra + (more[0] if more else []))
     # (validation is a mean of micro-batch means: the single process's micro-batches are larger here)
     _assert_equal(_singles[stage], got, ep, STAGES[stage][1], valid=False)
+    if stage == "grpo":  # both sides ran the log-prob forward with each prompt once (grpo.share_prompts)
+        for run in (_singles[stage], got):
+            packed = [r["rollout/packed_rows"] for r in run["history"] if "rollout/packed_rows" in r]
+            assert packed and all(p == 1.0 for p in packed), packed
 
 
 def _assert_equal(single, got, ep, gn_rel=1e-5, valid=True):

@@ -169,6 +169,22 @@ def test_grpo_with_the_fixed_shape_decode_step_equals_the_plain_step(arith_tok, 
     assert evals and evals[0]["valid_format"] == [x for x in _records(grpo_run) if "valid_accuracy" in x][0]["valid_format"]
 
 
+def test_grpo_prompts_packed_equal_rows_one_by_one(arith_tok, grpo_run, tmp_path):
+    """The default run computes each prompt once in the log-prob forward (grpo.share_prompts: the
+    micro-batch's 4 rows of a prompt packed into one row, megads.rl.pack); with
+    grpo.share_prompts=false every row runs whole: the same losses, rewards and ratios."""
+    want = {x["step"]: x for x in _records(grpo_run) if "loss" in x}
+    assert want[1]["rollout/packed_rows"] == 1.0 and want[3]["rollout/packed_rows"] == 1.0
+    r = run_megads(*_grpo_args(arith_tok, tmp_path, 2, ["grpo.share_prompts=false"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {x["step"]: x for x in _records(tmp_path) if "loss" in x}
+    assert got[1]["rollout/packed_rows"] == 0.0
+    for step in (1, 2):
+        for k in ("loss", "balance_loss", "grpo/ratio", "grad_norm"):
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-5, abs=1e-7), (step, k)
+    assert got[1]["reward/total"] == want[1]["reward/total"]
+
+
 def test_rejection_sample_writes_chat_jsonl_and_stats(arith_tok, grpo_run, tmp_path):
     out = tmp_path / "traces.jsonl"
     sets = [f"rejection.checkpoint={grpo_run / 'final'}", "rejection.tasks=arith", "rejection.max_prompts=6",

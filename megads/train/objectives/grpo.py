@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megads.rl.pack import pack_rows, shared_runs, unpack_segments, worth_packing
 from megads.train.objectives.base import Objective
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,9 @@ class GRPOObjective(Objective):
                 b["ref_logp"] = self._logps(self.ref_model, b).detach()
         logprob_s = time.perf_counter() - t2
         self._rollout_metrics = self._summarise(loop, ro, total, per, zero_std, ro.seconds, reward_s, logprob_s)
+        # this rank's rows whose log-prob forward shares its prompt with the run's other rows
+        packed = sum(b["tokens"].shape[0] for b in batches if b["pack_group"] > 1)
+        self._rollout_metrics["rollout/packed_rows"] = packed / max(sum(b["tokens"].shape[0] for b in batches), 1)
         return batches
 
     def _advantages(self, loop, total: torch.Tensor, G: int):
@@ -265,20 +269,35 @@ class GRPOObjective(Objective):
         out = []
         for m in range(0, N, mb):
             sl = slice(m, m + mb)
+            group = 1  # rows of one prompt packed into one row of the log-prob forward (megads.rl.pack)
+            if self.cfg.grpo.share_prompts:
+                group = shared_runs(x[sl, :S - 1], attn[sl, :S - 1], S - 1)
+                if not worth_packing(self.cfg.model, S - 1, L - S, group):
+                    group = 1
             out.append({"tokens": x[sl, :-1].contiguous(), "labels": labels[sl].contiguous(),
                         "positions": positions[sl, :-1].contiguous(), "attention_mask": attn[sl, :-1].contiguous(),
                         "mask": loss_mask[sl], "advantages": adv[sl].float().to(x.device),
                         "sampler_logp": ro.logps[sl], "cmask": ro.completion_mask[sl], "prompt_len": S,
-                        "old_logp": None})
+                        "old_logp": None, "pack_group": group})
         return out
 
     def _logps(self, model, batch) -> torch.Tensor:
-        """[mb, T] the completion tokens' log-probs under `model` (temperature-scaled), with gradient."""
-        out = model(batch["tokens"], batch["labels"], positions=batch["positions"],
-                    attention_mask=batch["attention_mask"], token_losses=True,
-                    temperature=self.cfg.grpo.temperature or 1.0, loss_from=batch["prompt_len"] - 1)
+        """[mb, T] the completion tokens' log-probs under `model` (temperature-scaled), with gradient.
+        With pack_group g > 1, each run of g rows of one prompt is one packed row (megads.rl.pack):
+        the prompt is computed once for its g completions."""
+        temperature, prefix, group = self.cfg.grpo.temperature or 1.0, batch["prompt_len"] - 1, batch["pack_group"]
+        if group == 1:
+            out = model(batch["tokens"], batch["labels"], positions=batch["positions"],
+                        attention_mask=batch["attention_mask"], token_losses=True, temperature=temperature,
+                        loss_from=prefix)
+            self._aux = out.loss
+            return -out.token_losses
+        tokens, labels, positions, mask = pack_rows(prefix, group, batch["tokens"], batch["labels"],
+                                                    batch["positions"], batch["attention_mask"])
+        out = model(tokens, labels, positions=positions, attention_mask=mask, token_losses=True,
+                    temperature=temperature, loss_from=prefix, shared_prefix=(prefix, group))
         self._aux = out.loss
-        return -out.token_losses
+        return -unpack_segments(out.token_losses, group)
 
     # ------------------------------------------------------------------ the loss
     def count(self, batch):
