@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megads.config import ModelConfig
-from megads.model.mla import _decode_mask
+from megads.model.mla import _decode_mask, masked_attention
 from megads.model.rope import apply_rope, softmax_scale
 from megads.parallel.tensor import ColumnParallelLinear, RowParallelLinear, group_size, scaled_init_std
 
@@ -82,16 +82,11 @@ class MHA(nn.Module):
 
     def _attend_full(self, q, k, v, key_mask):
         """q, k [B, S, h, d_qk], v [B, S, h, d_v] -> [B, S, h, d_v], causal (+ key_mask)."""
-        B, S = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, S, d]
         vdim = v.shape[-1]
         if vdim < q.shape[-1]:  # equal head dims let SDPA take its fused kernel (as in MLA)
             v = F.pad(v, (0, q.shape[-1] - vdim))
-        if key_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            mask = key_mask if key_mask.dim() == 4 else _decode_mask(B, S, 0, key_mask, q.device)
-            o = torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale))
+        o = masked_attention(q, k, v, key_mask, self.scale)
         return o[..., :vdim].transpose(1, 2)
 
     def _attend_cached(self, q, k, v, mask):

@@ -13,6 +13,8 @@ Heads are split over the TP group (latent down-projections replicated).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -140,12 +142,7 @@ class MLA(nn.Module):
         vdim = v.shape[-1]
         if vdim < q.shape[-1]:  # equal head dims let SDPA take its fused kernel (zeros change nothing)
             v = F.pad(v, (0, q.shape[-1] - vdim))
-        if key_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:  # kept keys [B, S] (left padding), or a full [B, 1, S, S] mask (packed documents)
-            mask = key_mask if key_mask.dim() == 4 else _decode_mask(B, S, 0, key_mask, q.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-            o = torch.nan_to_num(o)  # fully padded query rows
+        o = masked_attention(q, k, v, key_mask, self.scale)
         return o[..., :vdim].transpose(1, 2)  # [B, S, h, v]
 
     def _attend_naive(self, q_nope, q_pe, kv, pe, mask):
@@ -198,6 +195,61 @@ class MLA(nn.Module):
         o_lat = torch.bmm(p.transpose(1, 2).reshape(B, S * self.n_heads, -1), kv)  # [B, S*h, c]
         o_lat = o_lat.view(B, S, self.n_heads, self.kv_lora)
         return torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
+
+
+@dataclass(frozen=True)
+class SharedPrefixMask:
+    """The attention mask of rows laid out as [a shared prefix of `prefix` positions | `group`
+    segments of (S - prefix) / group positions] (Transformer.forward's shared_prefix): causal,
+    kept keys only (keep [B, S]), and a segment sees the prefix and itself. `attend` runs it as
+    two products instead of one dense masked one: the prefix's causal self-attention, and each
+    segment against [prefix | itself] (the query-key pairs of the sequences unpacked, each prefix
+    query once)."""
+
+    keep: torch.Tensor
+    prefix: int
+    group: int
+
+    def attend(self, q, k, v, scale):
+        """q, k, v [B, h, S, d] -> [B, h, S, d_v]."""
+        B, h, S, _ = q.shape
+        P, g = self.prefix, self.group
+        C = (S - P) // g
+        keep = self.keep.bool()
+        dev = q.device
+
+        def segments(t):  # [B, h, S, d] -> [B * g, h, C, d]
+            return t[:, :, P:].reshape(B, h, g, C, t.shape[-1]).transpose(1, 2).reshape(B * g, h, C, t.shape[-1])
+
+        def prefix_per_segment(t):  # [B, h, S, d] -> [B * g, h, P, d]
+            return t[:, :, :P].unsqueeze(1).expand(B, g, h, P, t.shape[-1]).reshape(B * g, h, P, t.shape[-1])
+
+        k_seg = torch.cat([prefix_per_segment(k), segments(k)], dim=2)
+        v_seg = torch.cat([prefix_per_segment(v), segments(v)], dim=2)
+        keys = torch.cat([keep[:, :P].unsqueeze(1).expand(B, g, P), keep[:, P:].reshape(B, g, C)], dim=2)
+        own = torch.ones(C, P + C, dtype=torch.bool, device=dev).tril(P)  # the prefix, then causal
+        o_seg = F.scaled_dot_product_attention(segments(q), k_seg, v_seg, scale=scale,
+                                               attn_mask=own & keys.reshape(B * g, 1, 1, P + C))
+        o_seg = o_seg.reshape(B, g, h, C, -1).transpose(1, 2).reshape(B, h, g * C, -1)
+        if P == 0:
+            return torch.nan_to_num(o_seg)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        o_pre = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale=scale,
+                                               attn_mask=causal & keep[:, :P].view(B, 1, 1, P))
+        return torch.nan_to_num(torch.cat([o_pre, o_seg], dim=2))  # (fully padded query rows: 0)
+
+
+def masked_attention(q, k, v, key_mask, scale):
+    """Causal self-attention q, k, v [B, h, S, d] -> [B, h, S, d_v] under key_mask: None, [B, S]
+    kept keys (left padding), a full [B, 1, S, S] mask (packed documents) or a SharedPrefixMask.
+    Query rows with no kept key give zeros."""
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if isinstance(key_mask, SharedPrefixMask):
+        return key_mask.attend(q, k, v, scale)
+    B, S = q.shape[0], q.shape[2]
+    mask = key_mask if key_mask.dim() == 4 else _decode_mask(B, S, 0, key_mask, q.device)
+    return torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
 
 
 def _decode_mask(B, S, start, key_mask, device):

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from megads.config import ModelConfig
 from megads.model.cache import MLACache
 from megads.model.mha import MHA
-from megads.model.mla import MLA
+from megads.model.mla import MLA, SharedPrefixMask
 from megads.model.moe import MLP, MoE
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
@@ -35,20 +35,6 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
     return (causal & same & (doc_ids >= 0).unsqueeze(-2)).unsqueeze(1)
-
-
-def shared_prefix_mask(keep: torch.Tensor, prefix: int, group: int) -> torch.Tensor:
-    """keep [B, S] kept keys of rows laid out as [a shared prefix of `prefix` positions | `group`
-    segments of (S - prefix) / group positions] -> bool [B, 1, S, S]: causal, and a segment's
-    positions see the prefix and their own segment only (each segment continues the prefix as
-    if it were alone after it)."""
-    B, S = keep.shape
-    seg_len = (S - prefix) // group
-    seg = torch.full((S,), -1, dtype=torch.long, device=keep.device)
-    seg[prefix:] = torch.arange(group, device=keep.device).repeat_interleave(seg_len)
-    causal = torch.ones(S, S, dtype=torch.bool, device=keep.device).tril()
-    visible = (seg.unsqueeze(0) == -1) | (seg.unsqueeze(0) == seg.unsqueeze(1))  # [query, key]
-    return (causal & visible).view(1, 1, S, S) & keep.bool().view(B, 1, 1, S)
 
 
 def mtp_targets(labels: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,7 +301,7 @@ class Transformer(nn.Module):
                                  "[B, S] attention_mask, without cache, doc_ids, pipeline stages or sequence "
                                  f"parallelism (prefix {prefix}, group {group}, S {S})")
             keep = attention_mask.bool()
-            attention_mask = shared_prefix_mask(keep, prefix, group)
+            attention_mask = SharedPrefixMask(keep, prefix, group)
             # each prefix position stands for `group` sequences' positions in the expert loads
             token_mask = keep.to(torch.float32)
             token_mask[:, :prefix] *= group

@@ -15,16 +15,15 @@ and the prompt goes through the model once per group instead of G times. The bal
 count each sequence whole (the model weighs the prefix by `group`), so the expert loads and
 balance losses equal the unpacked rows' too.
 
-Attention under the packed mask is dense over the packed row, so packing pays where the prompt
-is long against the completions; `worth_packing` compares the two layouts' FLOPs.
+Attention runs as the prefix's causal part plus each segment against [prefix | itself]
+(megads.model.mla.SharedPrefixMask): fewer query-key pairs than the rows one by one, as well as
+fewer positions, for any prompt and completion lengths.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from megads.config import ModelConfig
 
 
 def shared_runs(tokens: torch.Tensor, mask: torch.Tensor, prefix: int) -> int:
@@ -65,20 +64,3 @@ def unpack_segments(x: torch.Tensor, group: int) -> torch.Tensor:
     """[N / group, group * C] (the packed rows' segment entries) -> [N, C]."""
     M, L = x.shape
     return x.reshape(M * group, L // group)
-
-
-def worth_packing(cfg: ModelConfig, prefix: int, seg: int, group: int) -> bool:
-    """Whether a packed row of `group` segments costs fewer forward FLOPs than its `group` rows:
-    matmul weights per position (the output head, which runs on the segments either way, left
-    out) and attention over every query-key pair (an RL batch's rows are masked, so attention is
-    dense in both layouts)."""
-    from megads.model.info import param_counts
-
-    if group < 2 or prefix < 1:
-        return False
-    weights = param_counts(cfg)["active_params"] - 2 * cfg.vocab_size * cfg.hidden_size
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    pair = cfg.num_layers * 2 * cfg.num_heads * (qk + cfg.v_head_dim)
-    apart = group * ((prefix + seg) * 2 * weights + (prefix + seg) ** 2 * pair)
-    packed = (prefix + group * seg) * 2 * weights + (prefix + group * seg) ** 2 * pair
-    return packed < apart

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megads.model.transformer import shared_prefix_mask
-from megads.rl.pack import pack_rows, shared_runs, unpack_segments, worth_packing
+from megads.model.mla import SharedPrefixMask
+from megads.rl.pack import pack_rows, shared_runs, unpack_segments
 from test_mtp_generate import cfg_for, make
 
 
@@ -49,17 +49,29 @@ def run(model, batch, prefix, group):
     return unpack_segments(out.token_losses, group), out.loss
 
 
-def test_shared_prefix_mask_by_rule():
-    keep = torch.tensor([[0, 1, 1, 1, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)  # prefix 3, 2 segments of 3 + 1 pad
-    prefix, group = 2, 4
-    m = shared_prefix_mask(keep[:, :2 + 4 * 2], prefix, group)[0, 0]
-    S = 2 + 4 * 2
-    for q in range(S):
-        for k in range(S):
-            seg_q = -1 if q < prefix else (q - prefix) // 2
-            seg_k = -1 if k < prefix else (k - prefix) // 2
-            want = bool(keep[0, k]) and k <= q and (seg_k == -1 or seg_k == seg_q)
-            assert bool(m[q, k]) == want, (q, k)
+@pytest.mark.parametrize("prefix, group, seg", [(5, 3, 4), (1, 2, 1), (0, 3, 2), (6, 1, 3)])
+def test_shared_prefix_attention_by_rule(prefix, group, seg):
+    """SharedPrefixMask.attend (the prefix's causal attention, then each segment against [prefix |
+    itself]) against one dense masked softmax in float64 whose mask is built position by position."""
+    B, h, d, S = 2, 3, 5, prefix + group * seg
+    g = torch.Generator().manual_seed(prefix * 7 + group)
+    q, k, v = (torch.randn(B, h, S, d, generator=g, dtype=torch.float64) for _ in range(3))
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[0, :min(2, prefix)] = False  # left padding (its query rows see no key: zeros)
+    keep[1, -1] = False  # the last segment's end is padding
+    mask = torch.zeros(B, 1, S, S, dtype=torch.bool)
+    for b in range(B):
+        for i in range(S):
+            for j in range(S):
+                si = -1 if i < prefix else (i - prefix) // seg
+                sj = -1 if j < prefix else (j - prefix) // seg
+                mask[b, 0, i, j] = bool(keep[b, j]) and j <= i and (sj == -1 or sj == si)
+    scores = (q @ k.transpose(-1, -2)) * 0.3
+    want = torch.nan_to_num(torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)) @ v
+    got = SharedPrefixMask(keep, prefix, group).attend(q, k, v, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if prefix:  # a query row with no kept key gives zeros
+        assert not mask[0, 0, 0].any() and got[0, :, 0].abs().max() == 0
 
 
 def test_pack_rows_and_runs():
@@ -78,13 +90,6 @@ def test_pack_rows_and_runs():
     runs = torch.tensor([[1, 1], [1, 1], [1, 1], [2, 2], [2, 2], [2, 2]])
     assert shared_runs(runs, torch.ones_like(runs), 2) == 3
     assert shared_runs(torch.cat([runs, runs[:2]]), torch.ones(8, 2), 2) == 1  # runs of 3, 3, 2: no common g > 1
-
-
-def test_worth_packing_weighs_prompt_against_completion():
-    cfg = cfg_for()
-    assert worth_packing(cfg, 120, 16, 8)  # long prompt, short completions
-    assert not worth_packing(cfg, 4, 2000, 8)  # the packed row's dense attention costs more
-    assert not worth_packing(cfg, 120, 16, 1) and not worth_packing(cfg, 0, 16, 8)
 
 
 @pytest.mark.parametrize("kw", [

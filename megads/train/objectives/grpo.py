@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megads.rl.pack import pack_rows, shared_runs, unpack_segments, worth_packing
+from megads.rl.pack import pack_rows, shared_runs, unpack_segments
 from megads.train.objectives.base import Objective
 
 log = logging.getLogger(__name__)
@@ -272,8 +272,6 @@ class GRPOObjective(Objective):
             group = 1  # rows of one prompt packed into one row of the log-prob forward (megads.rl.pack)
             if self.cfg.grpo.share_prompts:
                 group = shared_runs(x[sl, :S - 1], attn[sl, :S - 1], S - 1)
-                if not worth_packing(self.cfg.model, S - 1, L - S, group):
-                    group = 1
             out.append({"tokens": x[sl, :-1].contiguous(), "labels": labels[sl].contiguous(),
                         "positions": positions[sl, :-1].contiguous(), "attention_mask": attn[sl, :-1].contiguous(),
                         "mask": loss_mask[sl], "advantages": adv[sl].float().to(x.device),
