@@ -229,11 +229,12 @@ class Transformer(nn.Module):
         return self.head(h)  # [B, S, V/tp]
 
     def _ce(self, logits_local, labels):
-        """Per-token loss [N] without gathering the full vocabulary."""
+        """Per-token loss [N] without gathering the full vocabulary. The logits are the head's
+        temporary: on one rank their storage becomes their gradient in the backward."""
         V_local = logits_local.shape[-1]
         return vocab_parallel_cross_entropy(logits_local.reshape(-1, V_local), labels.reshape(-1),
                                             tp_group=self.tp_group,
-                                            vocab_start=group_rank(self.tp_group) * V_local)
+                                            vocab_start=group_rank(self.tp_group) * V_local, owned=True)
 
     # ---------------------------------------------------------------- forward
     def forward(self, tokens, labels=None, positions=None, cache: MLACache | None = None, attention_mask=None,

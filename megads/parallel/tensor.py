@@ -310,9 +310,49 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits, target, *, tp_group=None, vocab_start=0, ignore_index=-100):
-    """Per-token loss [N] from logits [N, V/tp] (this rank's vocab shard starting at vocab_start)."""
+class _OwnedLogitsCE(torch.autograd.Function):
+    """Cross entropy of logits [N, V] the caller hands over (a temporary nobody else reads), in
+    their own storage: the forward turns them into exp(logits - row max) in place and keeps them,
+    the backward into their gradient (softmax - one-hot, times the incoming gradient). Against
+    F.cross_entropy: no vocabulary-wide tensor is allocated (its log-softmax, zero-filled gradient
+    and log-softmax backward are three, bench/RESULTS.md). float32 at least (float64 stays
+    float64); one backward only (the logits are consumed)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index):
+        x = logits.detach() if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        valid = target != ignore_index
+        idx = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)
+        x.sub_(x.amax(dim=-1, keepdim=True))
+        picked = x.gather(-1, idx).squeeze(-1)
+        sums = x.exp_().sum(-1)
+        loss = (sums.log() - picked).masked_fill(~valid, 0.0)
+        ctx.save_for_backward(x, sums, idx, valid)
+        ctx.in_dtype = logits.dtype
+        ctx.consumed = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.consumed:
+            raise RuntimeError("cross entropy: a second backward through the same logits (their storage "
+                               "became the first backward's gradient)")
+        ctx.consumed = True
+        x, sums, idx, valid = ctx.saved_tensors
+        scale = (g * valid).to(x.dtype)
+        grad = x.mul_((scale / sums).unsqueeze(-1))  # softmax times the incoming gradient
+        grad.scatter_add_(-1, idx, -scale.unsqueeze(-1))
+        return grad.to(ctx.in_dtype), None, None
+
+
+def vocab_parallel_cross_entropy(logits, target, *, tp_group=None, vocab_start=0, ignore_index=-100,
+                                 owned: bool = False):
+    """Per-token loss [N] from logits [N, V/tp] (this rank's vocab shard starting at vocab_start).
+    owned: the logits are a temporary of the caller's, which the backward may overwrite with their
+    gradient (single rank)."""
     if group_size(tp_group) == 1:
+        if owned:
+            return _OwnedLogitsCE.apply(logits, target, ignore_index)
         return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     return _VocabParallelCE.apply(logits, target, vocab_start, tp_group, ignore_index)
 

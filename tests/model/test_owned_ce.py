@@ -1,0 +1,72 @@
+"""The single-rank cross entropy that works in the logits' own storage (the model's loss,
+megads.parallel.tensor._OwnedLogitsCE): values and gradients against F.cross_entropy on a
+separate copy (float64, float32, bf16 input, ignored targets, a non-unit incoming gradient), the
+model's loss and gradients with it against F.cross_entropy on the model's logits, and the refusal
+of a second backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megads.parallel.tensor import vocab_parallel_cross_entropy
+from test_mtp_generate import cfg_for, make
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_owned_ce_equals_cross_entropy(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(37, 101, generator=g, dtype=torch.float64) * 4).to(dtype)
+    target = torch.randint(0, 101, (37,), generator=g)
+    target[[3, 10, 11]] = -100
+    weight = torch.rand(37, generator=g, dtype=torch.float64)
+
+    ref_in = base.clone().requires_grad_()
+    ref = F.cross_entropy(ref_in.to(torch.promote_types(dtype, torch.float32)), target, reduction="none")
+    (ref.double() * weight).sum().backward()
+
+    leaf = base.clone().requires_grad_()
+    logits = leaf * 1  # a temporary, as the model's head output
+    got = vocab_parallel_cross_entropy(logits, target, owned=True)
+    assert got.dtype == ref.dtype
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    assert (got[[3, 10, 11]] == 0).all()
+    (got.double() * weight).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), ref_in.grad.double(),
+                               rtol=tol if dtype != torch.bfloat16 else 1e-2, atol=tol if dtype != torch.bfloat16 else 1e-3)
+    assert leaf.grad.dtype == dtype
+
+
+def test_owned_ce_refuses_a_second_backward():
+    leaf = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(leaf * 1, torch.tensor([1, 2, 3, 4]), owned=True).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_model_loss_and_grads_equal_the_plain_cross_entropy(mtp, monkeypatch):
+    cfg = cfg_for(mtp_depth=mtp, mtp_lambda=0.3, seq_aux_alpha=0.01)
+    model = make(cfg).double().train()
+    seq = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    labels = seq[:, 1:].clone()
+    labels[0, :4] = -100
+
+    def run():
+        model.zero_grad()
+        out = model(seq[:, :-1], labels)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got_loss, got = run()
+    import megads.parallel.tensor as tensor
+
+    monkeypatch.setattr(tensor._OwnedLogitsCE, "apply", staticmethod(
+        lambda logits, target, ignore_index: F.cross_entropy(logits, target, ignore_index=ignore_index,
+                                                             reduction="none")))
+    want_loss, want = run()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=1e-12)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=n)
