@@ -180,6 +180,36 @@ def train_profile(model, timer, toks, reps):
     loop.step()
     print(f"AdamW over {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters: fused (megads) "
           f"{wo * 1e3:,.0f} ms, torch's for-loop implementation {(time.perf_counter() - t) * 1e3:,.0f} ms")
+    ce_compare(model, toks, reps)
+
+
+def ce_compare(model, toks, reps):
+    """The step's cross entropy over the vocabulary, forward + backward from the head's logits:
+    megads's (in the logits' own storage) against F.cross_entropy (a log-softmax, a zero-filled
+    gradient and a log-softmax backward, each [B*S, V]); best of reps + 1 each, alternated."""
+    import torch.nn.functional as F
+
+    from megads.parallel.tensor import vocab_parallel_cross_entropy
+
+    with torch.no_grad():
+        h = model.norm(model._embed(toks[:, :-1])).detach()
+    labels = toks[:, 1:].reshape(-1)
+    best = {"megads": float("inf"), "F.cross_entropy": float("inf")}
+    for _ in range(reps + 1):
+        for name in best:
+            leaf = h.clone().requires_grad_()
+            logits = model.head(leaf)
+            logits = logits.reshape(-1, logits.shape[-1])
+            t = time.perf_counter()
+            if name == "megads":
+                loss = vocab_parallel_cross_entropy(logits, labels, owned=True)
+            else:
+                loss = F.cross_entropy(logits.float(), labels, reduction="none")
+            loss.sum().backward()
+            best[name] = min(best[name], time.perf_counter() - t)
+    n, v = labels.numel(), model.cfg.vocab_size
+    print(f"cross entropy over [{n:,}, {v:,}] logits, forward + backward (the head's backward products "
+          f"included): megads {best['megads'] * 1e3:,.0f} ms, F.cross_entropy {best['F.cross_entropy'] * 1e3:,.0f} ms")
 
 
 def copy_bandwidth(mb: int = 256) -> float:
