@@ -279,82 +279,62 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Cross entropy over vocab-sharded logits [N, V/tp] without gathering the full vocabulary."""
+    """Cross entropy over logits [N, V/tp] (this rank's vocab shard; the whole vocabulary on one
+    rank) without gathering the vocabulary, in one float buffer: the forward turns it into
+    exp(logits - global row max) in place and keeps it, the backward into the gradient (softmax
+    - one-hot, times the incoming gradient) in place. With `owned` the buffer is the logits
+    themselves (a temporary of the caller's, nobody else reads it: nothing vocabulary-wide is
+    allocated; F.cross_entropy writes a log-softmax, a zero-filled gradient and a log-softmax
+    backward, bench/RESULTS.md), and only one backward can run. float32 at least (float64 stays
+    float64)."""
 
     @staticmethod
-    def forward(ctx, logits, target, start, group, ignore_index):
-        logits = logits.float()
-        lmax = logits.max(dim=-1).values
-        dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - lmax.unsqueeze(-1)
+    def forward(ctx, logits, target, start, group, ignore_index, owned):
+        if logits.dtype in (torch.float32, torch.float64):
+            x = logits.detach() if owned else logits.detach().clone()
+        else:
+            x = logits.float()
+        parallel = group_size(group) > 1
+        lmax = x.amax(dim=-1)
+        if parallel:
+            dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+        x.sub_(lmax.unsqueeze(-1))
         local = target - start
         valid = target != ignore_index
-        inside = (local >= 0) & (local < logits.shape[-1]) & valid
-        idx = local.clamp(0, logits.shape[-1] - 1)
-        picked = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * inside
-        exp = shifted.exp()
-        sumexp = exp.sum(-1)
-        both = torch.stack([picked, sumexp])
-        dist.all_reduce(both, group=group)
-        picked, sumexp = both[0], both[1]
+        inside = (local >= 0) & (local < x.shape[-1]) & valid
+        idx = torch.where(inside, local, torch.zeros_like(local)).unsqueeze(-1)
+        picked = x.gather(-1, idx).squeeze(-1) * inside
+        sumexp = x.exp_().sum(-1)
+        if parallel:
+            both = torch.stack([picked, sumexp])
+            dist.all_reduce(both, group=group)
+            picked, sumexp = both[0], both[1]
         loss = (sumexp.log() - picked) * valid
-        ctx.save_for_backward(exp / sumexp.unsqueeze(-1), idx, inside, valid)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        softmax, idx, inside, valid = ctx.saved_tensors
-        grad = softmax.clone()
-        grad.scatter_add_(-1, idx.unsqueeze(-1), -inside.float().unsqueeze(-1))
-        grad = grad * (g * valid).unsqueeze(-1)
-        return grad, None, None, None, None
-
-
-class _OwnedLogitsCE(torch.autograd.Function):
-    """Cross entropy of logits [N, V] the caller hands over (a temporary nobody else reads), in
-    their own storage: the forward turns them into exp(logits - row max) in place and keeps them,
-    the backward into their gradient (softmax - one-hot, times the incoming gradient). Against
-    F.cross_entropy: no vocabulary-wide tensor is allocated (its log-softmax, zero-filled gradient
-    and log-softmax backward are three, bench/RESULTS.md). float32 at least (float64 stays
-    float64); one backward only (the logits are consumed)."""
-
-    @staticmethod
-    def forward(ctx, logits, target, ignore_index):
-        x = logits.detach() if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        valid = target != ignore_index
-        idx = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)
-        x.sub_(x.amax(dim=-1, keepdim=True))
-        picked = x.gather(-1, idx).squeeze(-1)
-        sums = x.exp_().sum(-1)
-        loss = (sums.log() - picked).masked_fill(~valid, 0.0)
-        ctx.save_for_backward(x, sums, idx, valid)
-        ctx.in_dtype = logits.dtype
-        ctx.consumed = False
+        ctx.save_for_backward(x, sumexp, idx, inside, valid)
+        ctx.in_dtype, ctx.consumed = logits.dtype, False
         return loss
 
     @staticmethod
     def backward(ctx, g):
         if ctx.consumed:
-            raise RuntimeError("cross entropy: a second backward through the same logits (their storage "
+            raise RuntimeError("cross entropy: a second backward through the same logits (their buffer "
                                "became the first backward's gradient)")
         ctx.consumed = True
-        x, sums, idx, valid = ctx.saved_tensors
+        x, sumexp, idx, inside, valid = ctx.saved_tensors
         scale = (g * valid).to(x.dtype)
-        grad = x.mul_((scale / sums).unsqueeze(-1))  # softmax times the incoming gradient
-        grad.scatter_add_(-1, idx, -scale.unsqueeze(-1))
-        return grad.to(ctx.in_dtype), None, None
+        grad = x.mul_((scale / sumexp).unsqueeze(-1))  # softmax times the incoming gradient
+        grad.scatter_add_(-1, idx, -(scale * inside).unsqueeze(-1))
+        return grad.to(ctx.in_dtype), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits, target, *, tp_group=None, vocab_start=0, ignore_index=-100,
                                  owned: bool = False):
     """Per-token loss [N] from logits [N, V/tp] (this rank's vocab shard starting at vocab_start).
-    owned: the logits are a temporary of the caller's, which the backward may overwrite with their
-    gradient (single rank)."""
-    if group_size(tp_group) == 1:
-        if owned:
-            return _OwnedLogitsCE.apply(logits, target, ignore_index)
+    owned: the logits are a temporary of the caller's, which the loss may overwrite (their storage
+    becomes their gradient)."""
+    if group_size(tp_group) == 1 and not owned:
         return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
-    return _VocabParallelCE.apply(logits, target, vocab_start, tp_group, ignore_index)
+    return _VocabParallelCE.apply(logits, target, vocab_start, tp_group, ignore_index, owned)
 
 
 def scaled_init_std(base: float, num_layers: int) -> float:
