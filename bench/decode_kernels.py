@@ -4,7 +4,8 @@ Four tables, all in one run on the machine at hand (float32, the `small` preset'
 1. one product x W^T with R rows, weights cold (more copies than the caches hold): F.linear,
    W @ x^T, and the native megads::linear_rows, as microseconds and GB/s of weights read;
 2. the routed experts' SwiGLU of one MoE layer at T decode tokens (k=4 of 16 experts): the
-   grouped products, experts padded into batched matmuls, and megads::expert_swiglu_rows;
+   grouped products, experts padded into batched matmuls, megads::expert_swiglu_rows, and what
+   ops.grouped_swiglu picks; uniform routing, and a skewed one from 64 tokens;
 3. one layer's decode attention over the latent cache at B rows after T tokens (caches cold: one
    per layer): the absorbed torch products (scores, masked softmax, weighted sum) and
    megads::latent_attention_rows, as ms per layer and GB/s of cache read;
@@ -75,12 +76,20 @@ def experts_table(cfg, tokens_list, layers: int = 5):
 
     ways = {"grouped products": grouped3,
             "padded batched matmuls": lambda x, o, w1, w3, w2: grouped._padded_swiglu(x, w1, w3, w2, o),
-            "megads::expert_swiglu_rows": torch.ops.megads.expert_swiglu_rows}
+            "megads::expert_swiglu_rows": torch.ops.megads.expert_swiglu_rows,
+            "ops.grouped_swiglu (what decoding runs)": lambda x, o, w1, w3, w2: grouped.grouped_swiglu(x, w1, w3, w2, o)}
     print(f"\n2. routed experts of one MoE layer ({E} experts, top-{k}, [{inter} x {D}]), weights cold: ms per layer")
-    print("| T tokens | expert rows | experts hit | " + " | ".join(ways) + " | max diff |")
-    print("|---|---|---|" + "---|" * (len(ways) + 1))
-    for T in tokens_list:
-        idx = torch.rand(T, E, generator=g).argsort(1)[:, :k]
+    print("| T tokens | routing | expert rows | experts hit | " + " | ".join(ways) + " | max diff |")
+    print("|---|---|---|---|" + "---|" * (len(ways) + 1))
+    # uniform: each token's k experts at random; skewed: expert i drawn with weight exp(-0.6 i)
+    # (the busiest expert gets ~a third of the rows, as an unbalanced router's decode batch)
+    cases = [(T, "uniform") for T in tokens_list] + [(T, "skewed") for T in tokens_list if T >= 64]
+    for T, routing in cases:
+        if routing == "uniform":
+            idx = torch.rand(T, E, generator=g).argsort(1)[:, :k]
+        else:
+            weights = torch.exp(-0.6 * torch.arange(E, dtype=torch.float64)).expand(T, E)
+            idx = torch.multinomial(weights, k, replacement=False, generator=g)
         flat = idx.reshape(-1)
         x = torch.randn(T, D, generator=g)[flat.argsort(stable=True) // k].contiguous()
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(flat, minlength=E).cumsum(0)])
@@ -91,7 +100,7 @@ def experts_table(cfg, tokens_list, layers: int = 5):
                 outs.append(f(x, offsets, *W[0]))
         diff = max((o - outs[0]).abs().max().item() for o in outs)
         hit = int((offsets[1:] > offsets[:-1]).sum())
-        print(f"| {T} | {T * k} | {hit} | " + " | ".join(cells) + f" | {diff:.1e} |")
+        print(f"| {T} | {routing} | {T * k} | {hit} | " + " | ".join(cells) + f" | {diff:.1e} |")
 
 
 def attention_table(cfg, shapes, layers: int = 6):

@@ -538,9 +538,11 @@ Tensor expert_swiglu_rows_cpu(const Tensor& x_in, const Tensor& offsets, const T
   float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *yp = y.data_ptr<float>();
   const DotsFn dots = pick_dots();
   const int64_t H = static_cast<int64_t>(hit.size()), B1 = 16, B2 = 32, n1 = divup(I, B1), n2 = divup(D, B2);
+  // tasks ordered block-major (every expert's block 0, then block 1, ...): the threads' contiguous
+  // shares of the range then hold about the same number of rows however unevenly tokens are routed
   at::parallel_for(0, H * n1, 1, [&](int64_t begin, int64_t end) {  // a = silu(W1 x) * (W3 x)
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t e = hit[it / n1], j0 = (it % n1) * B1, j1 = std::min(I, j0 + B1);
+      const int64_t e = hit[it % H], j0 = (it / H) * B1, j1 = std::min(I, j0 + B1);
       rows_times(dots, p1 + e * I * D, j0, j1, xp, D, o[e], o[e + 1], D, ap, I);
       rows_times(dots, p3 + e * I * D, j0, j1, xp, D, o[e], o[e + 1], D, bp, I);
       for (int64_t r = o[e]; r < o[e + 1]; ++r)
@@ -552,7 +554,7 @@ Tensor expert_swiglu_rows_cpu(const Tensor& x_in, const Tensor& offsets, const T
   });
   at::parallel_for(0, H * n2, 1, [&](int64_t begin, int64_t end) {  // y = W2 a
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t e = hit[it / n2], j0 = (it % n2) * B2, j1 = std::min(D, j0 + B2);
+      const int64_t e = hit[it % H], j0 = (it / H) * B2, j1 = std::min(D, j0 + B2);
       rows_times(dots, p2 + e * D * I, j0, j1, ap, I, o[e], o[e + 1], I, yp, D);
     }
   });

@@ -82,15 +82,29 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torc
     if not x.is_cuda and not torch.is_grad_enabled() and PADDED_ROWS[0] < x.shape[0] <= PADDED_ROWS[1]:
         if torch.compiler.is_compiling():
             return torch.ops.megads.padded_swiglu(x, w1, w3, w2, offsets)
-        return _padded_swiglu(x, w1, w3, w2, offsets)
+        return _mid_batch_swiglu(x, w1, w3, w2, offsets)
+    return _grouped_swiglu(x, w1, w3, w2, offsets)
+
+
+def _grouped_swiglu(x, w1, w3, w2, offsets):
     h = F.silu(grouped_linear(x, w1, offsets)) * grouped_linear(x, w3, offsets)
     return grouped_linear(h, w2, offsets)
 
 
-def _padded_swiglu(x, w1, w3, w2, offsets):
+def _mid_batch_swiglu(x, w1, w3, w2, offsets):
+    """Padded batched matmuls, unless the routing is so uneven that padding every expert to the
+    busiest one's rows more than doubles the rows (bench/RESULTS.md: a skewed decode batch of 512
+    rows took 2.4x the grouped products' time padded): then the grouped products."""
+    most = int((offsets[1:] - offsets[:-1]).max())  # the one host read
+    if w1.shape[0] * most > 2 * x.shape[0]:
+        return _grouped_swiglu(x, w1, w3, w2, offsets)
+    return _padded_swiglu(x, w1, w3, w2, offsets, most)
+
+
+def _padded_swiglu(x, w1, w3, w2, offsets, most: int | None = None):
     E, N = w1.shape[0], x.shape[0]
     counts = offsets[1:] - offsets[:-1]
-    most = int(counts.max())  # the one host read
+    most = int(counts.max()) if most is None else most
     expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)
     slot = torch.arange(N, device=x.device) - offsets[:-1].repeat_interleave(counts, output_size=N)
     xp = x.new_zeros(E, most, x.shape[1])
@@ -102,7 +116,7 @@ def _padded_swiglu(x, w1, w3, w2, offsets):
 @torch.library.custom_op("megads::padded_swiglu", mutates_args=())
 def _padded_swiglu_op(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                       offsets: torch.Tensor) -> torch.Tensor:
-    return _padded_swiglu(x, w1, w3, w2, offsets)
+    return _mid_batch_swiglu(x, w1, w3, w2, offsets)
 
 
 @_padded_swiglu_op.register_fake

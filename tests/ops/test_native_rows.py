@@ -298,3 +298,26 @@ def test_plain_loops_equal_float64_references(native):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     passed = re.search(r"(\d+) passed", r.stdout)
     assert passed and int(passed.group(1)) >= 20 and "failed" not in r.stdout, r.stdout[-3000:]
+
+
+@pytest.mark.parametrize("counts, padded", [([80, 70, 90, 60], True), ([290, 5, 5, 0], False)])
+def test_mid_sized_decode_batches_pad_only_even_routing(counts, padded, monkeypatch):
+    """Between PADDED_ROWS, ops.grouped_swiglu pads every expert to the busiest one's rows for
+    batched matmuls, unless that would more than double the rows (an uneven routing): then the
+    grouped products. Either way the float64 loop's result."""
+    from megads.ops import grouped
+
+    assert grouped.SWIGLU_ROWS < sum(counts) <= grouped.PADDED_ROWS[1]
+    seen = []
+    real = grouped._padded_swiglu
+    monkeypatch.setattr(grouped, "_padded_swiglu", lambda *a, **k: seen.append(1) or real(*a, **k))
+    E, D, inter = 4, 24, 12
+    g = torch.Generator().manual_seed(3)
+    w1, w3 = torch.randn(E, inter, D, generator=g), torch.randn(E, inter, D, generator=g)
+    w2 = torch.randn(E, D, inter, generator=g)
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    x = torch.randn(int(offsets[-1]), D, generator=g)
+    with torch.no_grad():
+        y = grouped.grouped_swiglu(x, w1, w3, w2, offsets)
+    assert bool(seen) == padded
+    torch.testing.assert_close(y.double(), _swiglu64(x, offsets, w1, w3, w2), rtol=1e-4, atol=1e-4)
