@@ -234,7 +234,7 @@ class GRPOObjective(Objective):
         logprob_s = time.perf_counter() - t2
         self._rollout_metrics = self._summarise(loop, ro, total, per, zero_std, ro.seconds, reward_s, logprob_s)
         # this rank's rows whose log-prob forward shares its prompt with the run's other rows
-        packed = sum(b["tokens"].shape[0] for b in batches if b["pack_group"] > 1)
+        packed = sum(b["tokens"].shape[0] for b in batches if b.get("pack_group", 1) > 1)
         self._rollout_metrics["rollout/packed_rows"] = packed / max(sum(b["tokens"].shape[0] for b in batches), 1)
         return batches
 
@@ -283,7 +283,9 @@ class GRPOObjective(Objective):
         """[mb, T] the completion tokens' log-probs under `model` (temperature-scaled), with gradient.
         With pack_group g > 1, each run of g rows of one prompt is one packed row (megads.rl.pack):
         the prompt is computed once for its g completions."""
-        temperature, prefix, group = self.cfg.grpo.temperature or 1.0, batch["prompt_len"] - 1, batch["pack_group"]
+        # (a rollout buffer saved before packing existed has no pack_group: rows one by one)
+        temperature, prefix = self.cfg.grpo.temperature or 1.0, batch["prompt_len"] - 1
+        group = batch.get("pack_group", 1)
         if group == 1:
             out = model(batch["tokens"], batch["labels"], positions=batch["positions"],
                         attention_mask=batch["attention_mask"], token_losses=True, temperature=temperature,
