@@ -9,6 +9,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -415,14 +417,20 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_y, const Te
 // float32 only, inference only (no autograd); AVX2+FMA where the CPU has it, plain loops
 // otherwise (the dispatch is at run time, so the library still builds for any x86-64).
 
-#ifdef MEGADS_X86
-// The AVX2+FMA kernels where the CPU has them, unless MEGADS_CPU_PLAIN=1 (read once per process:
-// the tests run the plain loops, which CPUs without AVX2 and non-x86 builds use, this way)
-bool use_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && [] {
+// MEGADS_CPU_PLAIN=1 (read once per process) makes the kernels below take their plain loops and
+// products, which CPUs without AVX2 and non-x86 or BLAS-less builds use: the tests run them this way
+bool plain_requested() {
+  static const bool yes = [] {
     const char* v = std::getenv("MEGADS_CPU_PLAIN");
-    return !(v && v[0] && std::strcmp(v, "0") != 0);
+    return v && v[0] && std::strcmp(v, "0") != 0;
   }();
+  return yes;
+}
+
+#ifdef MEGADS_X86
+// The AVX2+FMA kernels where the CPU has them, unless MEGADS_CPU_PLAIN=1
+bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !plain_requested();
   return yes;
 }
 #endif
@@ -818,6 +826,272 @@ Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
   return y;
 }
 
+
+// ------------------------------------------------------------------ causal self-attention (training)
+// softmax(scale q k^T + causal mask) v for whole sequences, forward and backward, float32/float64,
+// for the layout the model has: q, k [B, S, H, Dq], v [B, S, H, Dv] (any strides, last dim
+// contiguous), o [B, S, H, Dv], lse [B, H, S] (log of each row's softmax sum, for the backward).
+// One task per (batch, head); each takes its queries in blocks of kRows rows against the keys up to
+// the block's last row, so the scores of a block ([kRows, <= S]) stay in cache and the products run
+// in BLAS (sgemm_/dgemm_, the library torch links: MKL on x86 wheels) at close to the matmul peak.
+// Causal work skipped: all key columns past a block's last row; the diagonal block is masked.
+// Backward (lse saved, D = rowsum(dO o)): P = exp(scale q k^T - lse); dV += P^T dO;
+// dS = P (dO v^T - D) scale; dQ = dS k; dK += dS^T q.
+
+extern "C" {
+// Fortran BLAS as torch's CPU library exports it; weak, so a torch built without BLAS still loads
+// (the products then go through at::mm, slower; also with MEGADS_CPU_PLAIN=1).
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+constexpr int64_t kRows = 64;  // query rows per block
+
+// Row-major C[M, N] = alpha op(A) op(B) + beta C (op = transpose where ta / tb), leading dims in
+// elements. Column-major BLAS computes C^T = op(B)^T op(A)^T: the same flags, operands swapped.
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ && !plain_requested()) return sgemm_(&cb, &ca, &n, &m, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  } else {
+    if (dgemm_ && !plain_requested()) return dgemm_(&cb, &ca, &n, &m, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, bool t, int64_t rows, int64_t cols, int64_t ld) {  // op(X) [rows, cols]
+    Tensor x = t ? at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, opt).t()
+                 : at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opt);
+    return x;
+  };
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  Tensor r = at::mm(view(A, ta, M, K, lda), view(B, tb, K, N, ldb)).mul_(alpha);
+  if (beta == T(0)) c.copy_(r);
+  else c.mul_(beta).add_(r);
+}
+
+// s[0, n) -> exp(s - sub) on [0, c), 0 on [c, n); returns the sum
+template <typename T>
+T exp_row_plain(T* s, int64_t c, int64_t n, T sub) {
+  T sum = 0;
+  for (int64_t j = 0; j < c; ++j) sum += (s[j] = std::exp(s[j] - sub));
+  for (int64_t j = c; j < n; ++j) s[j] = 0;
+  return sum;
+}
+
+template <typename T>
+T max_row(const T* s, int64_t c) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < c; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
+// ds[j] = p[j] (ds[j] - d) scale, in place over dp
+template <typename T>
+void ds_row_plain(const T* p, T* dp, int64_t n, T d, T scale) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d) * scale;
+}
+
+#ifdef MEGADS_X86
+__attribute__((target("avx2,fma"))) float exp_row_avx2(float* s, int64_t c, int64_t n, float sub) {
+  const __m256 sv = _mm256_set1_ps(sub);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= c; j += 8) {
+    const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), sv));
+    _mm256_storeu_ps(s + j, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  float sum = _mm_cvtss_f32(h);
+  for (; j < c; ++j) sum += (s[j] = std::exp(s[j] - sub));
+  for (; j < n; ++j) s[j] = 0.f;
+  return sum;
+}
+
+__attribute__((target("avx2,fma"))) float max_row_avx2(const float* s, int64_t c) {
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= c; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  float m = _mm_cvtss_f32(h);
+  for (; j < c; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+__attribute__((target("avx2,fma"))) void ds_row_avx2(const float* p, float* dp, int64_t n, float d, float scale) {
+  const __m256 dv = _mm256_set1_ps(d), sc = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j),
+                                                         _mm256_sub_ps(_mm256_loadu_ps(dp + j), dv)), sc));
+  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - d) * scale;
+}
+#endif
+
+template <typename T>
+struct RowFns {
+  T (*exp_row)(T*, int64_t, int64_t, T) = &exp_row_plain<T>;
+  T (*max_of)(const T*, int64_t) = &max_row<T>;
+  void (*ds_row)(const T*, T*, int64_t, T, T) = &ds_row_plain<T>;
+};
+
+template <typename T>
+RowFns<T> pick_row_fns() {
+  RowFns<T> f;
+#ifdef MEGADS_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx2()) {
+      f.exp_row = &exp_row_avx2;
+      f.max_of = &max_row_avx2;
+      f.ds_row = &ds_row_avx2;
+    }
+  }
+#endif
+  return f;
+}
+
+// A [B, S, H, D] operand of one (b, h): the first row and the row stride
+template <typename T>
+struct Rows {
+  const T* p;
+  int64_t ld;
+};
+
+template <typename T>
+Rows<T> rows_of(const Tensor& x, int64_t b, int64_t h) {
+  return {x.const_data_ptr<T>() + b * x.stride(0) + h * x.stride(2), x.stride(1)};
+}
+
+void check_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention: q, k [B, S, H, Dq], v [B, S, H, Dv]");
+  TORCH_CHECK(q.sizes() == k.sizes() && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
+              "causal_attention: q, k [B, S, H, Dq], v [B, S, H, Dv]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
+              "causal_attention: float32 or float64 inputs of one dtype");
+}
+
+Tensor last_contiguous(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+template <typename T>
+void attention_forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& lse, T scale) {
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+  const RowFns<T> fn = pick_row_fns<T>();
+  T* op = o.data_ptr<T>();
+  T* lp = lse.data_ptr<T>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(std::min(kRows, S) * S);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / H, h = t % H;
+      const Rows<T> Q = rows_of<T>(q, b, h), K = rows_of<T>(k, b, h), V = rows_of<T>(v, b, h);
+      T* O = op + (b * S * H + h) * Dv;
+      T* L = lp + (b * H + h) * S;
+      for (int64_t r0 = 0; r0 < S; r0 += kRows) {
+        const int64_t m = std::min(kRows, S - r0), n = r0 + m;  // rows [r0, n) see keys [0, n)
+        T* s = buf.data();
+        gemm_rm<T>(false, true, m, n, Dq, scale, Q.p + r0 * Q.ld, Q.ld, K.p, K.ld, T(0), s, n);
+        for (int64_t i = 0; i < m; ++i) {
+          T* si = s + i * n;
+          const int64_t c = r0 + i + 1;
+          const T mx = fn.max_of(si, c);
+          const T sum = fn.exp_row(si, c, n, mx);
+          L[r0 + i] = mx + std::log(sum);
+          const T inv = T(1) / sum;
+          for (int64_t j = 0; j < c; ++j) si[j] *= inv;
+        }
+        gemm_rm<T>(false, false, m, Dv, n, T(1), s, n, V.p, V.ld, T(0), O + r0 * H * Dv, H * Dv);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> causal_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                double scale) {
+  check_attention(q_in, k_in, v_in);
+  const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dv = v.size(3);
+  Tensor o = at::empty({B, S, H, Dv}, q.options());
+  Tensor lse = at::empty({B, H, S}, q.options());
+  if (q.numel() == 0 || Dv == 0) return {o.zero_(), lse.zero_()};
+  if (q.scalar_type() == at::kDouble) attention_forward_kernel<double>(q, k, v, o, lse, scale);
+  else attention_forward_kernel<float>(q, k, v, o, lse, static_cast<float>(scale));
+  return {o, lse};
+}
+
+template <typename T>
+void attention_backward_kernel(const Tensor& go, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                               const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv, T scale) {
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+  const RowFns<T> fn = pick_row_fns<T>();
+  const T* lp = lse.const_data_ptr<T>();
+  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows = std::min(kRows, S);
+    std::vector<T> pbuf(rows * S), dpbuf(rows * S), d(S);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / H, h = t % H;
+      const Rows<T> Q = rows_of<T>(q, b, h), K = rows_of<T>(k, b, h), V = rows_of<T>(v, b, h);
+      const Rows<T> GO = rows_of<T>(go, b, h), O = rows_of<T>(o, b, h);
+      const T* L = lp + (b * H + h) * S;
+      const int64_t lq = H * Dq, lv = H * Dv;
+      T* DQ = dqp + (b * S * H + h) * Dq;
+      T* DK = dkp + (b * S * H + h) * Dq;
+      T* DV = dvp + (b * S * H + h) * Dv;
+      for (int64_t r = 0; r < S; ++r) {  // D = rowsum(dO o)
+        T acc = 0;
+        const T *g = GO.p + r * GO.ld, *x = O.p + r * O.ld;
+        for (int64_t j = 0; j < Dv; ++j) acc += g[j] * x[j];
+        d[r] = acc;
+      }
+      for (int64_t r0 = 0; r0 < S; r0 += kRows) {
+        const int64_t m = std::min(kRows, S - r0), n = r0 + m;
+        T *p = pbuf.data(), *dp = dpbuf.data();
+        gemm_rm<T>(false, true, m, n, Dq, scale, Q.p + r0 * Q.ld, Q.ld, K.p, K.ld, T(0), p, n);
+        for (int64_t i = 0; i < m; ++i) fn.exp_row(p + i * n, r0 + i + 1, n, L[r0 + i]);
+        const T* go_blk = GO.p + r0 * GO.ld;
+        // dV[0, n) += P^T dO (a fresh dV row block is written, not accumulated: beta 0 on its first use)
+        gemm_rm<T>(true, false, r0, Dv, m, T(1), p, n, go_blk, GO.ld, T(1), DV, lv);
+        gemm_rm<T>(true, false, m, Dv, m, T(1), p + r0, n, go_blk, GO.ld, T(0), DV + r0 * lv, lv);
+        gemm_rm<T>(false, true, m, n, Dv, T(1), go_blk, GO.ld, V.p, V.ld, T(0), dp, n);  // dP = dO v^T
+        for (int64_t i = 0; i < m; ++i) fn.ds_row(p + i * n, dp + i * n, n, d[r0 + i], scale);
+        gemm_rm<T>(false, false, m, Dq, n, T(1), dp, n, K.p, K.ld, T(0), DQ + r0 * lq, lq);  // dQ = dS k
+        const T* q_blk = Q.p + r0 * Q.ld;
+        gemm_rm<T>(true, false, r0, Dq, m, T(1), dp, n, q_blk, Q.ld, T(1), DK, lq);  // dK += dS^T q
+        gemm_rm<T>(true, false, m, Dq, m, T(1), dp + r0, n, q_blk, Q.ld, T(0), DK + r0 * lq, lq);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> causal_attention_backward_cpu(const Tensor& grad_o, const Tensor& q_in,
+                                                                 const Tensor& k_in, const Tensor& v_in,
+                                                                 const Tensor& o_in, const Tensor& lse_in,
+                                                                 double scale) {
+  check_attention(q_in, k_in, v_in);
+  const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
+  const Tensor go = last_contiguous(grad_o.to(q.scalar_type())), o = last_contiguous(o_in);
+  const Tensor lse = lse_in.contiguous();
+  TORCH_CHECK(go.sizes() == o.sizes() && o.size(3) == v.size(3) && lse.dim() == 3,
+              "causal_attention_backward: grad_o and o [B, S, H, Dv], lse [B, H, S]");
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+  Tensor dq = at::empty({B, S, H, Dq}, q.options()), dk = at::empty({B, S, H, Dq}, q.options());
+  Tensor dv = at::empty({B, S, H, Dv}, q.options());
+  if (q.numel() == 0 || Dv == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  if (q.scalar_type() == at::kDouble) attention_backward_kernel<double>(go, q, k, v, o, lse, dq, dk, dv, scale);
+  else attention_backward_kernel<float>(go, q, k, v, o, lse, dq, dk, dv, static_cast<float>(scale));
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(megads, CPU, m) {
@@ -831,6 +1105,8 @@ TORCH_LIBRARY_IMPL(megads, CPU, m) {
   m.impl("expert_swiglu_rows", &expert_swiglu_rows_cpu);
   m.impl("latent_attention_rows", &latent_attention_rows_cpu);
   m.impl("rms_norm_rows", &rms_norm_rows_cpu);
+  m.impl("causal_attention", &causal_attention_cpu);
+  m.impl("causal_attention_backward", &causal_attention_backward_cpu);
 }
 
 }  // namespace megads

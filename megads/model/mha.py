@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megads.config import ModelConfig
 from megads.model.mla import _decode_mask, masked_attention
@@ -83,11 +82,7 @@ class MHA(nn.Module):
     def _attend_full(self, q, k, v, key_mask):
         """q, k [B, S, h, d_qk], v [B, S, h, d_v] -> [B, S, h, d_v], causal (+ key_mask)."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, S, d]
-        vdim = v.shape[-1]
-        if vdim < q.shape[-1]:  # equal head dims let SDPA take its fused kernel (as in MLA)
-            v = F.pad(v, (0, q.shape[-1] - vdim))
-        o = masked_attention(q, k, v, key_mask, self.scale)
-        return o[..., :vdim].transpose(1, 2)
+        return masked_attention(q, k, v, key_mask, self.scale).transpose(1, 2)
 
     def _attend_cached(self, q, k, v, mask):
         """Decode: q [B, S, h, d_qk] against the cached k [B, T, h, d_qk], v [B, T, h, d_v];

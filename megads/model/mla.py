@@ -138,12 +138,7 @@ class MLA(nn.Module):
         k_nope, v = self._expand(c_kv)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, S, qk]
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)
-        vdim = v.shape[-1]
-        if vdim < q.shape[-1]:  # equal head dims let SDPA take its fused kernel (zeros change nothing)
-            v = F.pad(v, (0, q.shape[-1] - vdim))
-        o = masked_attention(q, k, v, key_mask, self.scale)
-        return o[..., :vdim].transpose(1, 2)  # [B, S, h, v]
+        return masked_attention(q, k, v.transpose(1, 2), key_mask, self.scale).transpose(1, 2)  # [B, S, h, v]
 
     def _attend_naive(self, q_nope, q_pe, kv, pe, mask):
         """Reference decode: expand every cached latent to per-head keys/values."""
@@ -239,17 +234,37 @@ class SharedPrefixMask:
         return torch.nan_to_num(torch.cat([o_pre, o_seg], dim=2))  # (fully padded query rows: 0)
 
 
+def native_causal(q, key_mask) -> bool:
+    """Whether masked_attention takes megads::causal_attention: no mask, float32/float64 CPU
+    tensors, native ops loaded (twice SDPA's CPU flash kernel at the small preset's shapes,
+    bench/RESULTS.md); values may then keep their own head dim (no padding to the keys')."""
+    if key_mask is not None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return False
+    from megads import ops
+    from megads.ops import native
+
+    return ops.backend() == "native" and native.has_attention_kernel()
+
+
 def masked_attention(q, k, v, key_mask, scale):
     """Causal self-attention q, k, v [B, h, S, d] -> [B, h, S, d_v] under key_mask: None, [B, S]
     kept keys (left padding), a full [B, 1, S, S] mask (packed documents) or a SharedPrefixMask.
     Query rows with no kept key give zeros."""
+    if native_causal(q, key_mask):  # the kernel takes [B, S, h, d] views: no copies either way
+        o, _ = torch.ops.megads.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+        return o.transpose(1, 2)
+    vdim = v.shape[-1]
+    if vdim < q.shape[-1]:  # equal head dims let SDPA take its fused kernel (zeros change nothing)
+        v = F.pad(v, (0, q.shape[-1] - vdim))
     if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if isinstance(key_mask, SharedPrefixMask):
-        return key_mask.attend(q, k, v, scale)
-    B, S = q.shape[0], q.shape[2]
-    mask = key_mask if key_mask.dim() == 4 else _decode_mask(B, S, 0, key_mask, q.device)
-    return torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    elif isinstance(key_mask, SharedPrefixMask):
+        o = key_mask.attend(q, k, v, scale)
+    else:
+        B, S = q.shape[0], q.shape[2]
+        mask = key_mask if key_mask.dim() == 4 else _decode_mask(B, S, 0, key_mask, q.device)
+        o = torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
+    return o[..., :vdim]
 
 
 def _decode_mask(B, S, start, key_mask, device):

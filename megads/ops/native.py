@@ -56,6 +56,12 @@ def load() -> None:
         torch.library.register_fake("megads::expert_swiglu_rows")(_swiglu_rows_fake)
         torch.library.register_fake("megads::latent_attention_rows")(_latent_attention_rows_fake)
         torch.library.register_fake("megads::rms_norm_rows")(_rms_norm_rows_fake)
+    _kernels["attention"] = hasattr(torch.ops.megads, "causal_attention")
+    if _kernels["attention"]:
+        torch.library.register_fake("megads::causal_attention")(_causal_attention_fake)
+        torch.library.register_fake("megads::causal_attention_backward")(_causal_attention_backward_fake)
+        torch.library.register_autograd("megads::causal_attention", _causal_attention_backward,
+                                        setup_context=_causal_attention_setup)
     _loaded = True
 
 
@@ -64,6 +70,12 @@ def has_row_kernels() -> bool:
     `megads::expert_swiglu_rows`, `megads::latent_attention_rows` and `megads::rms_norm_rows`
     (float32, no autograd)."""
     return _kernels.get("rows", False)
+
+
+def has_attention_kernel() -> bool:
+    """Whether the loaded library has the CPU training attention kernel `megads::causal_attention`
+    (float32/float64, with autograd)."""
+    return _kernels.get("attention", False)
 
 
 def has_kernels(device: torch.device | str) -> bool:
@@ -195,6 +207,27 @@ def _latent_attention_rows_fake(q, joint, key_mask, value_dim, scale):
 
 def _rms_norm_rows_fake(x, w, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _causal_attention_fake(q, k, v, scale):
+    B, S, H = q.shape[:3]
+    return q.new_empty(B, S, H, v.shape[3]), q.new_empty(B, H, S)
+
+
+def _causal_attention_backward_fake(grad_o, q, k, v, o, lse, scale):
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(v.shape))
+
+
+def _causal_attention_setup(ctx, inputs, output):
+    q, k, v, ctx.scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+
+
+def _causal_attention_backward(ctx, grad_o, _grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.megads.causal_attention_backward(grad_o, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
 
 
 def _register() -> None:

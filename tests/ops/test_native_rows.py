@@ -4,14 +4,12 @@ norms written here; where the model takes them; their refusals; under torch.comp
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from plain_loops import run_plain_loops
 
 
 def _swiglu64(x, offsets, w1, w3, w2):
@@ -291,13 +289,7 @@ def test_plain_loops_equal_float64_references(native):
     """The kernels' plain loops (CPUs without AVX2+FMA, non-x86 builds), chosen here with
     MEGADS_CPU_PLAIN=1 in a fresh process: this file's float64 comparisons, refusals and model
     equalities run again through them."""
-    env = dict(os.environ, MEGADS_CPU_PLAIN="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                        "-k", "equals or refuse or takes"], cwd=Path(__file__).resolve().parents[2], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", r.stdout)
-    assert passed and int(passed.group(1)) >= 20 and "failed" not in r.stdout, r.stdout[-3000:]
+    run_plain_loops(__file__, "equals or refuse or takes", 20)
 
 
 @pytest.mark.parametrize("counts, padded", [([80, 70, 90, 60], True), ([290, 5, 5, 0], False)])
