@@ -181,6 +181,43 @@ def train_profile(model, timer, toks, reps):
     print(f"AdamW over {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters: fused (megads) "
           f"{wo * 1e3:,.0f} ms, torch's for-loop implementation {(time.perf_counter() - t) * 1e3:,.0f} ms")
     ce_compare(model, toks, reps)
+    attention_compare(model, toks, reps)
+
+
+def attention_compare(model, toks, reps):
+    """One layer's attention core (softmax(q k^T) v, causal), forward + backward at the step's
+    shapes: megads::causal_attention (what the step runs in float32/float64 on CPU with the native
+    ops) against SDPA (values padded to the keys' head dim for its fused kernel, as megads did
+    before); best of reps + 1 each, alternated."""
+    import torch.nn.functional as F
+
+    from megads.model.mla import native_causal
+
+    attn, (B, S) = model.layers[0].attn, toks[:, :-1].shape
+    h, dq, dv = attn.n_heads, attn.nope + attn.rope, attn.vdim
+    g = torch.Generator().manual_seed(2)
+    dtype = next(model.parameters()).dtype
+    q, k = (torch.randn(B, S, h, dq, generator=g).to(dtype) for _ in range(2))
+    v, grad = (torch.randn(B, S, h, dv, generator=g).to(dtype) for _ in range(2))
+    if not native_causal(q.transpose(1, 2), None):
+        print("attention core: the native kernel does not apply here (dtype or ops backend); SDPA runs")
+        return
+    best = {"megads": float("inf"), "SDPA": float("inf")}
+    for _ in range(reps + 1):
+        for name in best:
+            a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
+            t = time.perf_counter()
+            if name == "megads":
+                o = torch.ops.megads.causal_attention(a, b, c, attn.scale)[0]
+            else:
+                o = F.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2),
+                                                   F.pad(c, (0, dq - dv)).transpose(1, 2), is_causal=True,
+                                                   scale=attn.scale)[..., :dv].transpose(1, 2)
+            o.backward(grad)
+            best[name] = min(best[name], time.perf_counter() - t)
+    flops = 2 * B * h * S * (S + 1) / 2 * (dq + dv) * 3  # forward + backward (twice the forward)
+    print(f"attention core of one layer [B={B}, S={S}, {h} heads, qk {dq}, v {dv}], forward + backward: "
+          + ", ".join(f"{n} {t * 1e3:,.1f} ms ({flops / t / 1e9:,.0f} GFLOP/s)" for n, t in best.items()))
 
 
 def ce_compare(model, toks, reps):

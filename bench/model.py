@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if args.quick:
         tb, ts, steps, db, dp, dn, mm, decode_reps = 2, 128, 2, 2, 256, 8, 1024, 2
     else:
-        tb, ts, steps, db, dp, dn, mm, decode_reps = 4, 512, 3, 4, 1024, 32, 2048, 3
+        tb, ts, steps, db, dp, dn, mm, decode_reps = 4, 512, 5, 4, 1024, 32, 2048, 3
     db, dp, dn = args.decode_batch or db, args.decode_prompt or dp, args.decode_new or dn
     cfg = load_model_preset(args.preset)
     cfg.mtp_depth, cfg.seq_aux_alpha = 0, 0.0
