@@ -191,7 +191,7 @@ def attention_compare(model, toks, reps):
     before); best of reps + 1 each, alternated."""
     import torch.nn.functional as F
 
-    from megads.model.mla import native_causal
+    from megads.model.mla import native_attention
 
     attn, (B, S) = model.layers[0].attn, toks[:, :-1].shape
     h, dq, dv = attn.n_heads, attn.nope + attn.rope, attn.vdim
@@ -199,7 +199,7 @@ def attention_compare(model, toks, reps):
     dtype = next(model.parameters()).dtype
     q, k = (torch.randn(B, S, h, dq, generator=g).to(dtype) for _ in range(2))
     v, grad = (torch.randn(B, S, h, dv, generator=g).to(dtype) for _ in range(2))
-    if not native_causal(q.transpose(1, 2), None):
+    if not native_attention(q):
         print("attention core: the native kernel does not apply here (dtype or ops backend); SDPA runs")
         return
     best = {"megads": float("inf"), "SDPA": float("inf")}
@@ -208,7 +208,7 @@ def attention_compare(model, toks, reps):
             a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
             t = time.perf_counter()
             if name == "megads":
-                o = torch.ops.megads.causal_attention(a, b, c, attn.scale)[0]
+                o = torch.ops.megads.causal_attention(a, b, c, None, attn.scale)[0]
             else:
                 o = F.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2),
                                                    F.pad(c, (0, dq - dv)).transpose(1, 2), is_causal=True,

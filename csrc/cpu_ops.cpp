@@ -828,11 +828,13 @@ Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
 
 
 // ------------------------------------------------------------------ causal self-attention (training)
-// softmax(scale q k^T + causal mask) v for whole sequences, forward and backward, float32/float64,
-// for the layout the model has: q, k [B, S, H, Dq], v [B, S, H, Dv] (any strides, last dim
-// contiguous), o [B, S, H, Dv], lse [B, H, S] (log of each row's softmax sum, for the backward).
+// softmax(scale q k^T + causal mask + key mask) v, forward and backward, float32/float64, for the
+// layout the model has: q [B, Sq, H, Dq], k [B, Sk, H, Dq], v [B, Sk, H, Dv] (any strides, last dim
+// contiguous; Sq <= Sk, the queries being the last Sq positions: query i sees keys j <= Sk - Sq + i),
+// key_mask [B, Sk] of kept keys or none; o [B, Sq, H, Dv], lse [B, H, Sq] (log of each row's softmax
+// sum, for the backward; -inf for a row with no kept key, whose output is 0).
 // One task per (batch, head); each takes its queries in blocks of kRows rows against the keys up to
-// the block's last row, so the scores of a block ([kRows, <= S]) stay in cache and the products run
+// the block's last row, so the scores of a block ([kRows, <= Sk]) stay in cache and the products run
 // in BLAS (sgemm_/dgemm_, the library torch links: MKL on x86 wheels) at close to the matmul peak.
 // Causal work skipped: all key columns past a block's last row; the diagonal block is masked.
 // Backward (lse saved, D = rowsum(dO o)): P = exp(scale q k^T - lse); dV += P^T dO;
@@ -875,19 +877,22 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
   else c.mul_(beta).add_(r);
 }
 
-// s[0, n) -> exp(s - sub) on [0, c), 0 on [c, n); returns the sum
+// s[0, n) -> exp(s - sub) on the kept keys of [0, c) (kept: keep[j] != 0, or all without keep), 0
+// elsewhere; returns the sum
 template <typename T>
-T exp_row_plain(T* s, int64_t c, int64_t n, T sub) {
+T exp_row_plain(T* s, const T* keep, int64_t c, int64_t n, T sub) {
   T sum = 0;
-  for (int64_t j = 0; j < c; ++j) sum += (s[j] = std::exp(s[j] - sub));
+  for (int64_t j = 0; j < c; ++j) sum += (s[j] = (keep && keep[j] == T(0)) ? T(0) : std::exp(s[j] - sub));
   for (int64_t j = c; j < n; ++j) s[j] = 0;
   return sum;
 }
 
+// the largest kept s[j], j < c (-inf where none is kept)
 template <typename T>
-T max_row(const T* s, int64_t c) {
+T max_row_plain(const T* s, const T* keep, int64_t c) {
   T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < c; ++j) mx = std::max(mx, s[j]);
+  for (int64_t j = 0; j < c; ++j)
+    if (!keep || keep[j] != T(0)) mx = std::max(mx, s[j]);
   return mx;
 }
 
@@ -898,33 +903,44 @@ void ds_row_plain(const T* p, T* dp, int64_t n, T d, T scale) {
 }
 
 #ifdef MEGADS_X86
-__attribute__((target("avx2,fma"))) float exp_row_avx2(float* s, int64_t c, int64_t n, float sub) {
+__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
+__attribute__((target("avx2,fma"))) float exp_row_avx2(float* s, const float* keep, int64_t c, int64_t n, float sub) {
   const __m256 sv = _mm256_set1_ps(sub);
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 8 <= c; j += 8) {
-    const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), sv));
+  for (; j + 8 <= c; j += 8) {  // a dropped key's exp is multiplied by its 0 (exp_avx2 clamps -inf)
+    __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), sv));
+    if (keep) p = _mm256_mul_ps(p, _mm256_loadu_ps(keep + j));
     _mm256_storeu_ps(s + j, p);
     acc = _mm256_add_ps(acc, p);
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  float sum = _mm_cvtss_f32(h);
-  for (; j < c; ++j) sum += (s[j] = std::exp(s[j] - sub));
+  float sum = hsum_avx2(acc);
+  for (; j < c; ++j) sum += (s[j] = (keep && keep[j] == 0.f) ? 0.f : std::exp(s[j] - sub));
   for (; j < n; ++j) s[j] = 0.f;
   return sum;
 }
 
-__attribute__((target("avx2,fma"))) float max_row_avx2(const float* s, int64_t c) {
-  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+__attribute__((target("avx2,fma"))) float max_row_avx2(const float* s, const float* keep, int64_t c) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), zero = _mm256_setzero_ps();
+  __m256 mx = ninf;
   int64_t j = 0;
-  for (; j + 8 <= c; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+  for (; j + 8 <= c; j += 8) {
+    __m256 v = _mm256_loadu_ps(s + j);
+    if (keep) v = _mm256_blendv_ps(v, ninf, _mm256_cmp_ps(_mm256_loadu_ps(keep + j), zero, _CMP_EQ_OQ));
+    mx = _mm256_max_ps(mx, v);
+  }
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
   float m = _mm_cvtss_f32(h);
-  for (; j < c; ++j) m = std::max(m, s[j]);
+  for (; j < c; ++j)
+    if (!keep || keep[j] != 0.f) m = std::max(m, s[j]);
   return m;
 }
 
@@ -940,8 +956,8 @@ __attribute__((target("avx2,fma"))) void ds_row_avx2(const float* p, float* dp, 
 
 template <typename T>
 struct RowFns {
-  T (*exp_row)(T*, int64_t, int64_t, T) = &exp_row_plain<T>;
-  T (*max_of)(const T*, int64_t) = &max_row<T>;
+  T (*exp_row)(T*, const T*, int64_t, int64_t, T) = &exp_row_plain<T>;
+  T (*max_of)(const T*, const T*, int64_t) = &max_row_plain<T>;
   void (*ds_row)(const T*, T*, int64_t, T, T) = &ds_row_plain<T>;
 };
 
@@ -972,39 +988,55 @@ Rows<T> rows_of(const Tensor& x, int64_t b, int64_t h) {
   return {x.const_data_ptr<T>() + b * x.stride(0) + h * x.stride(2), x.stride(1)};
 }
 
-void check_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention: q, k [B, S, H, Dq], v [B, S, H, Dv]");
-  TORCH_CHECK(q.sizes() == k.sizes() && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
-              "causal_attention: q, k [B, S, H, Dq], v [B, S, H, Dv]");
+// The key mask as 0/1 in the inputs' dtype [B, Sk] (undefined without one)
+Tensor check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& key_mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+                  q.size(3) == k.size(3) && q.size(1) <= k.size(1) && v.size(0) == k.size(0) &&
+                  v.size(1) == k.size(1) && v.size(2) == k.size(2),
+              "causal_attention: q [B, Sq, H, Dq], k [B, Sk, H, Dq], v [B, Sk, H, Dv] with Sq <= Sk");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
               "causal_attention: float32 or float64 inputs of one dtype");
+  if (!key_mask.has_value()) return Tensor();
+  TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == k.size(0) &&
+                  key_mask->size(1) == k.size(1),
+              "causal_attention: key_mask must be bool [B, Sk]");
+  return key_mask->to(q.scalar_type()).contiguous();
 }
 
 Tensor last_contiguous(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 template <typename T>
-void attention_forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& lse, T scale) {
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+void attention_forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, Tensor& o,
+                              Tensor& lse, T scale) {
+  const int64_t B = q.size(0), Sq = q.size(1), Sk = k.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+  const int64_t off = Sk - Sq;
   const RowFns<T> fn = pick_row_fns<T>();
   T* op = o.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
+  const T* kp = keep.defined() ? keep.const_data_ptr<T>() : nullptr;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(std::min(kRows, S) * S);
+    std::vector<T> buf(std::min(kRows, Sq) * Sk);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, h = t % H;
       const Rows<T> Q = rows_of<T>(q, b, h), K = rows_of<T>(k, b, h), V = rows_of<T>(v, b, h);
-      T* O = op + (b * S * H + h) * Dv;
-      T* L = lp + (b * H + h) * S;
-      for (int64_t r0 = 0; r0 < S; r0 += kRows) {
-        const int64_t m = std::min(kRows, S - r0), n = r0 + m;  // rows [r0, n) see keys [0, n)
+      const T* kb = kp ? kp + b * Sk : nullptr;
+      T* O = op + (b * Sq * H + h) * Dv;
+      T* L = lp + (b * H + h) * Sq;
+      for (int64_t r0 = 0; r0 < Sq; r0 += kRows) {
+        const int64_t m = std::min(kRows, Sq - r0), n = off + r0 + m;  // rows [r0, r0 + m) see keys [0, n)
         T* s = buf.data();
         gemm_rm<T>(false, true, m, n, Dq, scale, Q.p + r0 * Q.ld, Q.ld, K.p, K.ld, T(0), s, n);
         for (int64_t i = 0; i < m; ++i) {
           T* si = s + i * n;
-          const int64_t c = r0 + i + 1;
-          const T mx = fn.max_of(si, c);
-          const T sum = fn.exp_row(si, c, n, mx);
+          const int64_t c = off + r0 + i + 1;
+          const T mx = fn.max_of(si, kb, c);
+          if (mx == -std::numeric_limits<T>::infinity()) {  // no kept key: a zero row
+            std::fill(si, si + n, T(0));
+            L[r0 + i] = mx;
+            continue;
+          }
+          const T sum = fn.exp_row(si, kb, c, n, mx);
           L[r0 + i] = mx + std::log(sum);
           const T inv = T(1) / sum;
           for (int64_t j = 0; j < c; ++j) si[j] *= inv;
@@ -1016,58 +1048,64 @@ void attention_forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v,
 }
 
 std::tuple<Tensor, Tensor> causal_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                                double scale) {
-  check_attention(q_in, k_in, v_in);
+                                                const std::optional<Tensor>& key_mask, double scale) {
+  const Tensor keep = check_attention(q_in, k_in, v_in, key_mask);
   const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dv = v.size(3);
-  Tensor o = at::empty({B, S, H, Dv}, q.options());
-  Tensor lse = at::empty({B, H, S}, q.options());
-  if (q.numel() == 0 || Dv == 0) return {o.zero_(), lse.zero_()};
-  if (q.scalar_type() == at::kDouble) attention_forward_kernel<double>(q, k, v, o, lse, scale);
-  else attention_forward_kernel<float>(q, k, v, o, lse, static_cast<float>(scale));
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), Dv = v.size(3);
+  Tensor o = at::empty({B, Sq, H, Dv}, q.options());
+  Tensor lse = at::empty({B, H, Sq}, q.options());
+  if (q.numel() == 0 || Dv == 0) return {o.zero_(), lse.fill_(-std::numeric_limits<double>::infinity())};
+  if (q.scalar_type() == at::kDouble) attention_forward_kernel<double>(q, k, v, keep, o, lse, scale);
+  else attention_forward_kernel<float>(q, k, v, keep, o, lse, static_cast<float>(scale));
   return {o, lse};
 }
 
 template <typename T>
 void attention_backward_kernel(const Tensor& go, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
-                               const Tensor& lse, Tensor& dq, Tensor& dk, Tensor& dv, T scale) {
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+                               const Tensor& lse, const Tensor& keep, Tensor& dq, Tensor& dk, Tensor& dv, T scale) {
+  const int64_t B = q.size(0), Sq = q.size(1), Sk = k.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+  const int64_t off = Sk - Sq;
   const RowFns<T> fn = pick_row_fns<T>();
   const T* lp = lse.const_data_ptr<T>();
+  const T* kp = keep.defined() ? keep.const_data_ptr<T>() : nullptr;
   T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = std::min(kRows, S);
-    std::vector<T> pbuf(rows * S), dpbuf(rows * S), d(S);
+    const int64_t rows = std::min(kRows, Sq);
+    std::vector<T> pbuf(rows * Sk), dpbuf(rows * Sk), d(Sq);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, h = t % H;
       const Rows<T> Q = rows_of<T>(q, b, h), K = rows_of<T>(k, b, h), V = rows_of<T>(v, b, h);
       const Rows<T> GO = rows_of<T>(go, b, h), O = rows_of<T>(o, b, h);
-      const T* L = lp + (b * H + h) * S;
+      const T* kb = kp ? kp + b * Sk : nullptr;
+      const T* L = lp + (b * H + h) * Sq;
       const int64_t lq = H * Dq, lv = H * Dv;
-      T* DQ = dqp + (b * S * H + h) * Dq;
-      T* DK = dkp + (b * S * H + h) * Dq;
-      T* DV = dvp + (b * S * H + h) * Dv;
-      for (int64_t r = 0; r < S; ++r) {  // D = rowsum(dO o)
+      T* DQ = dqp + (b * Sq * H + h) * Dq;
+      T* DK = dkp + (b * Sk * H + h) * Dq;
+      T* DV = dvp + (b * Sk * H + h) * Dv;
+      for (int64_t r = 0; r < Sq; ++r) {  // D = rowsum(dO o)
         T acc = 0;
         const T *g = GO.p + r * GO.ld, *x = O.p + r * O.ld;
         for (int64_t j = 0; j < Dv; ++j) acc += g[j] * x[j];
         d[r] = acc;
       }
-      for (int64_t r0 = 0; r0 < S; r0 += kRows) {
-        const int64_t m = std::min(kRows, S - r0), n = r0 + m;
+      for (int64_t r0 = 0; r0 < Sq; r0 += kRows) {
+        // rows [r0, r0 + m) see keys [0, n); keys [0, n0) were written by earlier blocks
+        const int64_t m = std::min(kRows, Sq - r0), n = off + r0 + m, n0 = r0 == 0 ? 0 : off + r0;
         T *p = pbuf.data(), *dp = dpbuf.data();
         gemm_rm<T>(false, true, m, n, Dq, scale, Q.p + r0 * Q.ld, Q.ld, K.p, K.ld, T(0), p, n);
-        for (int64_t i = 0; i < m; ++i) fn.exp_row(p + i * n, r0 + i + 1, n, L[r0 + i]);
+        for (int64_t i = 0; i < m; ++i) {
+          if (L[r0 + i] == -std::numeric_limits<T>::infinity()) std::fill(p + i * n, p + (i + 1) * n, T(0));
+          else fn.exp_row(p + i * n, kb, off + r0 + i + 1, n, L[r0 + i]);
+        }
         const T* go_blk = GO.p + r0 * GO.ld;
-        // dV[0, n) += P^T dO (a fresh dV row block is written, not accumulated: beta 0 on its first use)
-        gemm_rm<T>(true, false, r0, Dv, m, T(1), p, n, go_blk, GO.ld, T(1), DV, lv);
-        gemm_rm<T>(true, false, m, Dv, m, T(1), p + r0, n, go_blk, GO.ld, T(0), DV + r0 * lv, lv);
+        gemm_rm<T>(true, false, n0, Dv, m, T(1), p, n, go_blk, GO.ld, T(1), DV, lv);  // dV += P^T dO
+        gemm_rm<T>(true, false, n - n0, Dv, m, T(1), p + n0, n, go_blk, GO.ld, T(0), DV + n0 * lv, lv);
         gemm_rm<T>(false, true, m, n, Dv, T(1), go_blk, GO.ld, V.p, V.ld, T(0), dp, n);  // dP = dO v^T
         for (int64_t i = 0; i < m; ++i) fn.ds_row(p + i * n, dp + i * n, n, d[r0 + i], scale);
         gemm_rm<T>(false, false, m, Dq, n, T(1), dp, n, K.p, K.ld, T(0), DQ + r0 * lq, lq);  // dQ = dS k
         const T* q_blk = Q.p + r0 * Q.ld;
-        gemm_rm<T>(true, false, r0, Dq, m, T(1), dp, n, q_blk, Q.ld, T(1), DK, lq);  // dK += dS^T q
-        gemm_rm<T>(true, false, m, Dq, m, T(1), dp + r0, n, q_blk, Q.ld, T(0), DK + r0 * lq, lq);
+        gemm_rm<T>(true, false, n0, Dq, m, T(1), dp, n, q_blk, Q.ld, T(1), DK, lq);  // dK += dS^T q
+        gemm_rm<T>(true, false, n - n0, Dq, m, T(1), dp + n0, n, q_blk, Q.ld, T(0), DK + n0 * lq, lq);
       }
     }
   });
@@ -1075,20 +1113,21 @@ void attention_backward_kernel(const Tensor& go, const Tensor& q, const Tensor& 
 
 std::tuple<Tensor, Tensor, Tensor> causal_attention_backward_cpu(const Tensor& grad_o, const Tensor& q_in,
                                                                  const Tensor& k_in, const Tensor& v_in,
+                                                                 const std::optional<Tensor>& key_mask,
                                                                  const Tensor& o_in, const Tensor& lse_in,
                                                                  double scale) {
-  check_attention(q_in, k_in, v_in);
+  const Tensor keep = check_attention(q_in, k_in, v_in, key_mask);
   const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   const Tensor go = last_contiguous(grad_o.to(q.scalar_type())), o = last_contiguous(o_in);
   const Tensor lse = lse_in.contiguous();
-  TORCH_CHECK(go.sizes() == o.sizes() && o.size(3) == v.size(3) && lse.dim() == 3,
-              "causal_attention_backward: grad_o and o [B, S, H, Dv], lse [B, H, S]");
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
-  Tensor dq = at::empty({B, S, H, Dq}, q.options()), dk = at::empty({B, S, H, Dq}, q.options());
-  Tensor dv = at::empty({B, S, H, Dv}, q.options());
+  TORCH_CHECK(go.sizes() == o.sizes() && o.size(1) == q.size(1) && o.size(3) == v.size(3) && lse.dim() == 3,
+              "causal_attention_backward: grad_o and o [B, Sq, H, Dv], lse [B, H, Sq]");
+  const int64_t B = q.size(0), Sq = q.size(1), Sk = k.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
+  Tensor dq = at::empty({B, Sq, H, Dq}, q.options()), dk = at::empty({B, Sk, H, Dq}, q.options());
+  Tensor dv = at::empty({B, Sk, H, Dv}, q.options());
   if (q.numel() == 0 || Dv == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
-  if (q.scalar_type() == at::kDouble) attention_backward_kernel<double>(go, q, k, v, o, lse, dq, dk, dv, scale);
-  else attention_backward_kernel<float>(go, q, k, v, o, lse, dq, dk, dv, static_cast<float>(scale));
+  if (q.scalar_type() == at::kDouble) attention_backward_kernel<double>(go, q, k, v, o, lse, keep, dq, dk, dv, scale);
+  else attention_backward_kernel<float>(go, q, k, v, o, lse, keep, dq, dk, dv, static_cast<float>(scale));
   return {dq, dk, dv};
 }
 

@@ -34,13 +34,14 @@ TORCH_LIBRARY(megads, m) {
   m.def("latent_attention_rows(Tensor q, Tensor joint, Tensor? key_mask, int value_dim, float scale) -> Tensor");
   // inference only (no autograd), CPU float32: x [..., D], w [D] -> x / sqrt(mean(x^2) + eps) * w
   m.def("rms_norm_rows(Tensor x, Tensor w, float eps) -> Tensor");
-  // CPU float32/float64, causal self-attention over whole sequences: q, k [B, S, H, Dq],
-  // v [B, S, H, Dv] -> o [B, S, H, Dv] = softmax(scale q k^T, causal) v, lse [B, H, S] (the log of
-  // each query row's softmax sum, scaled scores' max included); autograd in megads/ops/native.py
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  // d o [B, S, H, Dv] -> (d q, d k [B, S, H, Dq], d v [B, S, H, Dv])
-  m.def("causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
+  // CPU float32/float64, causal self-attention: q [B, Sq, H, Dq], k [B, Sk, H, Dq], v [B, Sk, H, Dv]
+  // (Sq <= Sk: the queries are the last Sq positions), key_mask [B, Sk] bool kept keys or None
+  // -> o [B, Sq, H, Dv] = softmax(scale q k^T, causal, kept keys) v (0 for a row with no kept key),
+  // lse [B, H, Sq] (the log of each query row's softmax sum); autograd in megads/ops/native.py
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> (Tensor, Tensor)");
+  // d o [B, Sq, H, Dv] -> (d q [B, Sq, H, Dq], d k [B, Sk, H, Dq], d v [B, Sk, H, Dv])
+  m.def("causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor o, "
+        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

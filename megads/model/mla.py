@@ -211,7 +211,6 @@ class SharedPrefixMask:
         P, g = self.prefix, self.group
         C = (S - P) // g
         keep = self.keep.bool()
-        dev = q.device
 
         def segments(t):  # [B, h, S, d] -> [B * g, h, C, d]
             return t[:, :, P:].reshape(B, h, g, C, t.shape[-1]).transpose(1, 2).reshape(B * g, h, C, t.shape[-1])
@@ -222,23 +221,19 @@ class SharedPrefixMask:
         k_seg = torch.cat([prefix_per_segment(k), segments(k)], dim=2)
         v_seg = torch.cat([prefix_per_segment(v), segments(v)], dim=2)
         keys = torch.cat([keep[:, :P].unsqueeze(1).expand(B, g, P), keep[:, P:].reshape(B, g, C)], dim=2)
-        own = torch.ones(C, P + C, dtype=torch.bool, device=dev).tril(P)  # the prefix, then causal
-        o_seg = F.scaled_dot_product_attention(segments(q), k_seg, v_seg, scale=scale,
-                                               attn_mask=own & keys.reshape(B * g, 1, 1, P + C))
+        # each segment's C queries are the last of its P + C keys: the prefix, then causal
+        o_seg = _causal(segments(q), k_seg, v_seg, keys.reshape(B * g, P + C), scale)
         o_seg = o_seg.reshape(B, g, h, C, -1).transpose(1, 2).reshape(B, h, g * C, -1)
         if P == 0:
-            return torch.nan_to_num(o_seg)
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        o_pre = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale=scale,
-                                               attn_mask=causal & keep[:, :P].view(B, 1, 1, P))
-        return torch.nan_to_num(torch.cat([o_pre, o_seg], dim=2))  # (fully padded query rows: 0)
+            return o_seg
+        o_pre = _causal(q[:, :, :P], k[:, :, :P], v[:, :, :P], keep[:, :P], scale)
+        return torch.cat([o_pre, o_seg], dim=2)
 
 
-def native_causal(q, key_mask) -> bool:
-    """Whether masked_attention takes megads::causal_attention: no mask, float32/float64 CPU
-    tensors, native ops loaded (twice SDPA's CPU flash kernel at the small preset's shapes,
-    bench/RESULTS.md); values may then keep their own head dim (no padding to the keys')."""
-    if key_mask is not None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+def native_attention(q) -> bool:
+    """Whether causal attention takes megads::causal_attention: float32/float64 CPU tensors, native
+    ops loaded (twice SDPA's CPU flash kernel at the small preset's shapes, bench/RESULTS.md)."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
         return False
     from megads import ops
     from megads.ops import native
@@ -246,25 +241,38 @@ def native_causal(q, key_mask) -> bool:
     return ops.backend() == "native" and native.has_attention_kernel()
 
 
+def _causal(q, k, v, keep, scale):
+    """q [B, h, Sq, d], k [B, h, Sk, d], v [B, h, Sk, d_v] (Sq <= Sk, the queries the last Sq
+    positions: query i sees keys j <= Sk - Sq + i), keep [B, Sk] bool kept keys or None ->
+    [B, h, Sq, d_v]; query rows with no kept key give zeros. The native kernel where it applies
+    (it takes [B, S, h, d] views: no copies), else SDPA (values padded to the keys' head dim for
+    its fused kernel: zeros change nothing)."""
+    if native_attention(q):
+        return torch.ops.megads.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep,
+                                                 scale)[0].transpose(1, 2)
+    vdim, Sq, Sk = v.shape[-1], q.shape[2], k.shape[2]
+    if vdim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - vdim))
+    if keep is None and Sq == Sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :vdim]
+    mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
+    if keep is not None:
+        mask = mask & keep.view(keep.shape[0], 1, 1, Sk)
+    return torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))[..., :vdim]
+
+
 def masked_attention(q, k, v, key_mask, scale):
     """Causal self-attention q, k, v [B, h, S, d] -> [B, h, S, d_v] under key_mask: None, [B, S]
     kept keys (left padding), a full [B, 1, S, S] mask (packed documents) or a SharedPrefixMask.
     Query rows with no kept key give zeros."""
-    if native_causal(q, key_mask):  # the kernel takes [B, S, h, d] views: no copies either way
-        o, _ = torch.ops.megads.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
-        return o.transpose(1, 2)
+    if isinstance(key_mask, SharedPrefixMask):
+        return key_mask.attend(q, k, v, scale)
+    if key_mask is None or key_mask.dim() == 2:
+        return _causal(q, k, v, None if key_mask is None else key_mask.bool(), scale)
     vdim = v.shape[-1]
-    if vdim < q.shape[-1]:  # equal head dims let SDPA take its fused kernel (zeros change nothing)
+    if vdim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - vdim))
-    if key_mask is None:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    elif isinstance(key_mask, SharedPrefixMask):
-        o = key_mask.attend(q, k, v, scale)
-    else:
-        B, S = q.shape[0], q.shape[2]
-        mask = key_mask if key_mask.dim() == 4 else _decode_mask(B, S, 0, key_mask, q.device)
-        o = torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
-    return o[..., :vdim]
+    return torch.nan_to_num(F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale))[..., :vdim]
 
 
 def _decode_mask(B, S, start, key_mask, device):

@@ -209,25 +209,25 @@ def _rms_norm_rows_fake(x, w, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _causal_attention_fake(q, k, v, scale):
+def _causal_attention_fake(q, k, v, key_mask, scale):
     B, S, H = q.shape[:3]
     return q.new_empty(B, S, H, v.shape[3]), q.new_empty(B, H, S)
 
 
-def _causal_attention_backward_fake(grad_o, q, k, v, o, lse, scale):
-    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(v.shape))
+def _causal_attention_backward_fake(grad_o, q, k, v, key_mask, o, lse, scale):
+    return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape))
 
 
 def _causal_attention_setup(ctx, inputs, output):
-    q, k, v, ctx.scale = inputs
+    q, k, v, key_mask, ctx.scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, key_mask, o, lse)
 
 
 def _causal_attention_backward(ctx, grad_o, _grad_lse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.megads.causal_attention_backward(grad_o, q, k, v, o, lse, ctx.scale)
-    return dq, dk, dv, None
+    q, k, v, key_mask, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.megads.causal_attention_backward(grad_o, q, k, v, key_mask, o, lse, ctx.scale)
+    return dq, dk, dv, None, None
 
 
 def _register() -> None:

@@ -13,54 +13,83 @@ from plain_loops import run_plain_loops
 
 
 
-def _reference(q, k, v, scale):
-    """o [B, S, H, Dv] and lse [B, H, S] one query row at a time, float64: row i's softmax over
-    keys 0..i."""
-    B, S, H, _ = q.shape
-    o = torch.zeros(B, S, H, v.shape[-1], dtype=torch.float64)
-    lse = torch.zeros(B, H, S, dtype=torch.float64)
+def _reference(q, k, v, scale, keep=None):
+    """o [B, Sq, H, Dv] and lse [B, H, Sq] one query row at a time, float64: row i's softmax over
+    the kept keys among 0..Sk - Sq + i (a row with none: o 0, lse -inf)."""
+    B, Sq, H, _ = q.shape
+    off = k.shape[1] - Sq
+    o = torch.zeros(B, Sq, H, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float64)
     for b in range(B):
-        for h in range(H):
-            for i in range(S):
-                s = (k[b, : i + 1, h].double() @ q[b, i, h].double()) * scale  # [i + 1]
+        for i in range(Sq):
+            js = [j for j in range(off + i + 1) if keep is None or keep[b, j]]
+            if not js:
+                continue
+            for h in range(H):
+                s = (k[b, js, h].double() @ q[b, i, h].double()) * scale
                 lse[b, h, i] = torch.logsumexp(s, 0)
-                o[b, i, h] = torch.exp(s - lse[b, h, i]) @ v[b, : i + 1, h].double()
+                o[b, i, h] = torch.exp(s - lse[b, h, i]) @ v[b, js, h].double()
     return o, lse
 
 
-def _inputs(B, S, H, Dq, Dv, dtype, seed, views=True):
-    """q, k, v as the model passes them: views of wider tensors (last dim contiguous, the row
-    stride larger than H * D), unless views=False."""
+def _dense(q, k, v, scale, keep=None):
+    """The same through one dense masked softmax (autograd's gradients: a different formula)."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    mask = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
+    if keep is not None:
+        mask = mask & keep[:, None, None, :]
+    p = torch.nan_to_num(torch.softmax(s.masked_fill(~mask, float("-inf")), -1))
+    return torch.einsum("bhij,bjhd->bihd", p, v)
+
+
+def _inputs(B, S, H, Dq, Dv, dtype, seed, views=True, Sk=None):
+    """q [B, S], k, v [B, Sk] as the model passes them: views of wider tensors (last dim
+    contiguous, the row stride larger than H * D), unless views=False."""
     g = torch.Generator().manual_seed(seed)
+    Sk = S if Sk is None else Sk
     if not views:
-        return [torch.randn(B, S, H, d, generator=g, dtype=dtype) for d in (Dq, Dq, Dv)]
-    wide = torch.randn(B, S, H, 2 * Dq + Dv + 3, generator=g, dtype=dtype)
-    return wide[..., :Dq], wide[..., Dq + 1: 2 * Dq + 1], wide[..., 2 * Dq + 2: 2 * Dq + 2 + Dv]
+        return [torch.randn(B, n, H, d, generator=g, dtype=dtype) for n, d in ((S, Dq), (Sk, Dq), (Sk, Dv))]
+    wide = torch.randn(B, Sk, H, 2 * Dq + Dv + 3, generator=g, dtype=dtype)
+    return wide[:, Sk - S:, :, :Dq], wide[..., Dq + 1: 2 * Dq + 1], wide[..., 2 * Dq + 2: 2 * Dq + 2 + Dv]
 
 
-# S around the 64-row block (one block, an exact multiple, a partial last block); Dv != Dq
-SHAPES = [(1, 1, 1, 4, 4), (2, 5, 3, 8, 4), (1, 64, 2, 16, 16), (2, 65, 2, 12, 20), (2, 130, 3, 24, 16),
-          (1, 200, 2, 96, 64)]
+def _keep(B, Sk, seed, holes=True):
+    """Left padding of a different length per row (row 0 none), and random dropped keys."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(B, Sk, dtype=torch.bool)
+    for b in range(1, B):
+        keep[b, : int(torch.randint(1, Sk, (1,), generator=g))] = False
+    if holes:
+        keep &= torch.rand(B, Sk, generator=g) > 0.2
+    return keep
 
 
-@pytest.mark.parametrize("B, S, H, Dq, Dv", SHAPES)
-def test_forward_and_backward_equal_float64_rows(native, B, S, H, Dq, Dv):
+# S around the 64-row block (one block, an exact multiple, a partial last block); Dv != Dq;
+# Sk > S (the queries the last S positions)
+SHAPES = [(1, 1, 1, 4, 4, 1), (2, 5, 3, 8, 4, 5), (1, 64, 2, 16, 16, 64), (2, 65, 2, 12, 20, 65),
+          (2, 130, 3, 24, 16, 130), (1, 200, 2, 96, 64, 200), (2, 3, 2, 8, 6, 40), (2, 70, 2, 8, 8, 150)]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-mask"])
+@pytest.mark.parametrize("B, S, H, Dq, Dv, Sk", SHAPES)
+def test_forward_and_backward_equal_float64_rows(native, B, S, H, Dq, Dv, Sk, masked):
     q, k, v = (t.requires_grad_() for t in
-               (x.detach().clone() for x in _inputs(B, S, H, Dq, Dv, torch.float64, S * 7 + Dv)))
+               (x.detach().clone() for x in _inputs(B, S, H, Dq, Dv, torch.float64, S * 7 + Dv, Sk=Sk)))
+    keep = _keep(B, Sk, S) if masked else None
     scale = 1.0 / math.sqrt(Dq) * 1.3
-    o, lse = torch.ops.megads.causal_attention(q, k, v, scale)
-    o_ref, lse_ref = _reference(q.detach(), k.detach(), v.detach(), scale)
+    o, lse = torch.ops.megads.causal_attention(q, k, v, keep, scale)
+    o_ref, lse_ref = _reference(q.detach(), k.detach(), v.detach(), scale, keep)
     assert o.shape == (B, S, H, Dv) and lse.shape == (B, H, S)
     torch.testing.assert_close(o.detach(), o_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-12, atol=1e-12)
+    if masked and B > 1 and S == Sk:
+        assert bool(torch.isinf(lse).any())  # some rows see no kept key
 
     g = torch.randn(B, S, H, Dv, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     got = torch.autograd.grad(o, (q, k, v), g)
-    # the reference's gradients: autograd through a dense masked softmax (a different formula)
     qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    s = torch.einsum("bihd,bjhd->bhij", qr, kr) * scale
-    s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
-    ref = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), vr)
+    ref = _dense(qr, kr, vr, scale, keep)
     torch.testing.assert_close(ref.detach(), o_ref, rtol=1e-12, atol=1e-12)
     want = torch.autograd.grad(ref, (qr, kr, vr), g)
     for name, a, b in zip("qkv", got, want):
@@ -69,37 +98,50 @@ def test_forward_and_backward_equal_float64_rows(native, B, S, H, Dq, Dv):
 
 
 def test_float32_close_to_float64(native):
-    q, k, v = _inputs(2, 150, 4, 96, 64, torch.float32, 11, views=False)
-    o, lse = torch.ops.megads.causal_attention(q, k, v, 96 ** -0.5)
-    o_ref, lse_ref = _reference(q, k, v, 96 ** -0.5)
-    assert o.dtype == lse.dtype == torch.float32
-    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=2e-6)
+    for keep in (None, _keep(2, 150, 4)):
+        q, k, v = _inputs(2, 150, 4, 96, 64, torch.float32, 11, views=False)
+        o, lse = torch.ops.megads.causal_attention(q, k, v, keep, 96 ** -0.5)
+        o_ref, lse_ref = _reference(q, k, v, 96 ** -0.5, keep)
+        assert o.dtype == lse.dtype == torch.float32
+        torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=2e-6)
 
 
-def test_gradcheck(native):
-    q, k, v = (t.detach().clone().requires_grad_() for t in _inputs(1, 7, 2, 3, 5, torch.float64, 5))
-    assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.megads.causal_attention(a, b, c, 0.7)[0], (q, k, v))
+@pytest.mark.parametrize("Sk, masked", [(7, False), (9, True)])
+def test_gradcheck(native, Sk, masked):
+    q, k, v = (t.detach().clone().requires_grad_() for t in _inputs(2, 7, 2, 3, 5, torch.float64, 5, Sk=Sk))
+    keep = _keep(2, Sk, 1) if masked else None
+    assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.megads.causal_attention(a, b, c, keep, 0.7)[0],
+                                    (q, k, v))
 
 
 def test_refusals(native):
     q, k, v = _inputs(1, 4, 2, 8, 8, torch.float32, 0, views=False)
+    op = torch.ops.megads.causal_attention
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        torch.ops.megads.causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 1.0)
+        op(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 1.0)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        torch.ops.megads.causal_attention(q, k.double(), v, 1.0)
-    with pytest.raises(RuntimeError, match=r"q, k \[B, S, H, Dq\]"):
-        torch.ops.megads.causal_attention(q, k[:, :3], v, 1.0)
-    with pytest.raises(RuntimeError, match=r"q, k \[B, S, H, Dq\]"):
-        torch.ops.megads.causal_attention(q[0], k[0], v[0], 1.0)
+        op(q, k.double(), v, None, 1.0)
+    shapes = r"q \[B, Sq, H, Dq\], k \[B, Sk, H, Dq\], v \[B, Sk, H, Dv\] with Sq <= Sk"
+    with pytest.raises(RuntimeError, match=shapes):
+        op(q, k[:, :3], v[:, :3], None, 1.0)  # more queries than keys
+    with pytest.raises(RuntimeError, match=shapes):
+        op(q, k, v[:, :3], None, 1.0)
+    with pytest.raises(RuntimeError, match=shapes):
+        op(q[0], k[0], v[0], None, 1.0)
+    with pytest.raises(RuntimeError, match=r"key_mask must be bool \[B, Sk\]"):
+        op(q, k, v, torch.ones(1, 4), 1.0)
+    with pytest.raises(RuntimeError, match=r"key_mask must be bool \[B, Sk\]"):
+        op(q, k, v, torch.ones(1, 5, dtype=torch.bool), 1.0)
 
 
 def test_compiles_without_graph_breaks(native):
     torch._dynamo.reset()
-    q, k, v = (t.detach().clone().requires_grad_() for t in _inputs(2, 70, 2, 8, 6, torch.float32, 2))
+    q, k, v = (t.detach().clone().requires_grad_() for t in _inputs(2, 70, 2, 8, 6, torch.float32, 2, Sk=90))
+    keep = _keep(2, 90, 3)
 
     def f(q, k, v):
-        return (torch.ops.megads.causal_attention(q * 1.5, k, v, 0.3)[0] ** 2).sum()
+        return (torch.ops.megads.causal_attention(q * 1.5, k, v, keep, 0.3)[0] ** 2).sum()
 
     want = torch.autograd.grad(f(q, k, v), (q, k, v))
     e = torch._dynamo.explain(f)(q, k, v)
@@ -121,41 +163,50 @@ def _mla_model(dtype, attention="mla"):
     return Transformer(cfg).to(dtype), cfg
 
 
+def _spy(monkeypatch):
+    calls = []
+    real = torch.ops.megads.causal_attention
+
+    def spy(q, k, v, keep, scale):
+        calls.append((q.dtype, keep is not None))
+        return real(q, k, v, keep, scale)
+
+    monkeypatch.setattr(torch.ops.megads, "causal_attention", spy)
+    return calls
+
+
+def _loss_and_grads(model, x, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(x[:, :-1], labels=x[:, 1:], **kw)
+    loss = out.loss + (out.mtp_loss if out.mtp_loss is not None else 0)
+    loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("attention", ["mla", "mha"])
-def test_model_takes_the_kernel_and_equals_sdpa(native, monkeypatch, attention):
-    """A training forward+backward of MLA (and the MHA baseline) without a key mask calls the
-    kernel on float64/float32 CPU tensors, and its loss and every gradient equal those of SDPA's
-    path (the kernel turned off) in float64."""
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "left-padded"])
+def test_model_takes_the_kernel_and_equals_sdpa(native, monkeypatch, attention, masked):
+    """A training forward+backward of MLA (and the MHA baseline), with and without a key mask of
+    left-padded rows, calls the kernel on float64 CPU tensors, and its loss and every gradient
+    equal those of SDPA's path (the kernel turned off) in float64."""
     import megads.model.mla as mla
     from megads import ops
 
     prev = ops.set_backend("native")
-    calls = []
-    real = torch.ops.megads.causal_attention
-
-    class Spy:
-        def __call__(self, *a):
-            calls.append(a[0].dtype)
-            return real(*a)
-
     try:
         model, cfg = _mla_model(torch.float64, attention)
         x = torch.randint(0, cfg.vocab_size, (3, 70), generator=torch.Generator().manual_seed(1))
-        results = []
-        for use in (True, False):
-            if not use:
-                monkeypatch.setattr(mla, "native_causal", lambda q, key_mask: False)
-            monkeypatch.setattr(torch.ops.megads, "causal_attention", Spy())
-            model.zero_grad(set_to_none=True)
-            out = model(x[:, :-1], labels=x[:, 1:])
-            (out.loss + out.mtp_loss).backward()
-            results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                                if p.grad is not None}))
-            if use:
-                assert calls == [torch.float64] * 3  # 2 layers + the MTP block
-            else:
-                assert len(calls) == 3
-        (l1, g1), (l2, g2) = results
+        kw = {}
+        if masked:
+            mask = torch.ones(3, 69, dtype=torch.long)
+            mask[1, :9], mask[2, :30] = 0, 0
+            kw = {"attention_mask": mask, "labels": torch.where(mask.bool(), x[:, 1:], -100)}
+        calls = _spy(monkeypatch)
+        l1, g1 = _loss_and_grads(model, x, **kw) if not masked else _masked_loss(model, x, kw)
+        assert calls == [(torch.float64, masked)] * (3 if not masked else 2)  # layers (+ the MTP block)
+        monkeypatch.setattr(mla, "native_attention", lambda q: False)
+        l2, g2 = _loss_and_grads(model, x, **kw) if not masked else _masked_loss(model, x, kw)
+        assert len(calls) == (3 if not masked else 2)
         torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
         assert g1.keys() == g2.keys()
         for n in g1:
@@ -164,20 +215,25 @@ def test_model_takes_the_kernel_and_equals_sdpa(native, monkeypatch, attention):
         ops.set_backend(prev)
 
 
+def _masked_loss(model, x, kw):
+    """Per-token losses of left-padded rows (the GRPO log-prob pass's form), summed over kept tokens."""
+    model.zero_grad(set_to_none=True)
+    out = model(x[:, :-1], labels=kw["labels"], attention_mask=kw["attention_mask"], token_losses=True)
+    loss = (out.token_losses * kw["attention_mask"]).sum() + out.loss  # + the balance term
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_model_skips_the_kernel_where_it_does_not_apply(native, monkeypatch):
-    """With a key mask (padded rows), in bfloat16, or on the torch backend, SDPA runs."""
+    """With packed documents (a full mask), in bfloat16, or on the torch backend, SDPA runs."""
     from megads import ops
 
-    calls = []
-    real = torch.ops.megads.causal_attention
-    monkeypatch.setattr(torch.ops.megads, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    calls = _spy(monkeypatch)
     prev = ops.set_backend("native")
     try:
         model, cfg = _mla_model(torch.float32)
         x = torch.randint(0, cfg.vocab_size, (2, 20))
-        mask = torch.ones(2, 20, dtype=torch.long)
-        mask[0, :5] = 0
-        model(x, attention_mask=mask)
+        model(x, labels=x, doc_ids=torch.tensor([[0] * 8 + [1] * 12, [0] * 20]))
         assert calls == []
         model.to(torch.bfloat16)(x)
         assert calls == []
@@ -187,7 +243,9 @@ def test_model_skips_the_kernel_where_it_does_not_apply(native, monkeypatch):
         assert calls == []
         ops.set_backend("native")
         model(x)
-        assert len(calls) == 2
+        assert calls == [(torch.float32, False)] * 2
+        model(x, attention_mask=torch.ones_like(x))
+        assert calls[2:] == [(torch.float32, True)] * 2
     finally:
         ops.set_backend(prev)
 
