@@ -29,10 +29,11 @@ train: $(STAMP)
 	$(VENV)/bin/megads plot runs/tiny --out runs/tiny/report.png
 
 # The suite in two passes (tests/conftest.py says which tests are `serial` and why): the rest on
-# TEST_WORKERS pytest-xdist workers, one intra-op thread each, then the serial ones alone.
+# TEST_WORKERS pytest-xdist workers, one intra-op thread each, then the serial ones alone; each
+# pass ends with its slowest tests (--durations), to keep the suite well under 30 minutes.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile -m "not serial" tests
-	$(PY) -m pytest -q -x -m serial tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile -m "not serial" --durations=15 tests
+	$(PY) -m pytest -q -x -m serial --durations=5 tests
 
 bench: $(STAMP)
 	$(PY) bench/model.py
