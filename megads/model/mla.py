@@ -13,6 +13,8 @@ Heads are split over the TP group (latent down-projections replicated).
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -232,8 +234,14 @@ class SharedPrefixMask:
 
 def native_attention(q) -> bool:
     """Whether causal attention takes megads::causal_attention: float32/float64 CPU tensors, native
-    ops loaded (twice SDPA's CPU flash kernel at the small preset's shapes, bench/RESULTS.md)."""
+    ops loaded (twice SDPA's CPU flash kernel at the small preset's shapes, bench/RESULTS.md), and
+    MEGADS_ATTENTION not `sdpa` (unset or `auto`: the kernel where it applies)."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return False
+    want = os.environ.get("MEGADS_ATTENTION", "auto").strip().lower()
+    if want not in ("auto", "sdpa"):
+        raise ValueError(f"MEGADS_ATTENTION must be 'auto' or 'sdpa', got {want!r}")
+    if want == "sdpa":
         return False
     from megads import ops
     from megads.ops import native

@@ -188,8 +188,7 @@ def _loss_and_grads(model, x, **kw):
 def test_model_takes_the_kernel_and_equals_sdpa(native, monkeypatch, attention, masked):
     """A training forward+backward of MLA (and the MHA baseline), with and without a key mask of
     left-padded rows, calls the kernel on float64 CPU tensors, and its loss and every gradient
-    equal those of SDPA's path (the kernel turned off) in float64."""
-    import megads.model.mla as mla
+    equal those of SDPA's path (MEGADS_ATTENTION=sdpa) in float64."""
     from megads import ops
 
     prev = ops.set_backend("native")
@@ -204,7 +203,7 @@ def test_model_takes_the_kernel_and_equals_sdpa(native, monkeypatch, attention, 
         calls = _spy(monkeypatch)
         l1, g1 = _loss_and_grads(model, x, **kw) if not masked else _masked_loss(model, x, kw)
         assert calls == [(torch.float64, masked)] * (3 if not masked else 2)  # layers (+ the MTP block)
-        monkeypatch.setattr(mla, "native_attention", lambda q: False)
+        monkeypatch.setenv("MEGADS_ATTENTION", "sdpa")
         l2, g2 = _loss_and_grads(model, x, **kw) if not masked else _masked_loss(model, x, kw)
         assert len(calls) == (3 if not masked else 2)
         torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
@@ -225,7 +224,8 @@ def _masked_loss(model, x, kw):
 
 
 def test_model_skips_the_kernel_where_it_does_not_apply(native, monkeypatch):
-    """With packed documents (a full mask), in bfloat16, or on the torch backend, SDPA runs."""
+    """With packed documents (a full mask), in bfloat16, on the torch backend or with
+    MEGADS_ATTENTION=sdpa, SDPA runs; another MEGADS_ATTENTION value is refused by name."""
     from megads import ops
 
     calls = _spy(monkeypatch)
@@ -246,6 +246,12 @@ def test_model_skips_the_kernel_where_it_does_not_apply(native, monkeypatch):
         assert calls == [(torch.float32, False)] * 2
         model(x, attention_mask=torch.ones_like(x))
         assert calls[2:] == [(torch.float32, True)] * 2
+        monkeypatch.setenv("MEGADS_ATTENTION", "sdpa")
+        model(x)
+        assert len(calls) == 4
+        monkeypatch.setenv("MEGADS_ATTENTION", "flash")
+        with pytest.raises(ValueError, match="MEGADS_ATTENTION must be 'auto' or 'sdpa', got 'flash'"):
+            model(x)
     finally:
         ops.set_backend(prev)
 
