@@ -1004,7 +1004,11 @@ Tensor check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const 
   return key_mask->to(q.scalar_type()).contiguous();
 }
 
-Tensor last_contiguous(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+// An operand [B, S, H, D] as BLAS can read its rows: unit stride along D and a row stride of at least
+// D (an expanded or overlapping view, e.g. stride 0 along S, is copied)
+Tensor last_contiguous(const Tensor& x) {
+  return (x.stride(3) == 1 && x.stride(1) >= std::max<int64_t>(x.size(3), 1)) ? x : x.contiguous();
+}
 
 template <typename T>
 void attention_forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& keep, Tensor& o,

@@ -97,6 +97,19 @@ def test_forward_and_backward_equal_float64_rows(native, B, S, H, Dq, Dv, Sk, ma
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
 
 
+def test_expanded_and_transposed_operands_equal_contiguous_ones(native):
+    """Operands BLAS cannot read as rows (stride 0 along S, D not unit-stride) are copied first."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 1, 3, 8, generator=g, dtype=torch.float64).expand(2, 6, 3, 8)  # stride 0 along S
+    k = torch.randn(2, 6, 3, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float64)
+    v_t = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # D not unit-stride
+    o, lse = torch.ops.megads.causal_attention(q, k, v_t, None, 0.5)
+    o_ref, lse_ref = _reference(q, k, v, 0.5)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_float32_close_to_float64(native):
     for keep in (None, _keep(2, 150, 4)):
         q, k, v = _inputs(2, 150, 4, 96, 64, torch.float32, 11, views=False)
