@@ -68,7 +68,13 @@ wd = faults.start_watchdog(timeout)
 print(f"rank {dist.get_rank()} up", flush=True)
 x, t0, steps = torch.ones(256), time.monotonic(), 0
 try:
-    while time.monotonic() - t0 < float(os.environ["RUN"]):
+    while True:
+        # every rank leaves the loop at the same iteration: a rank deciding alone (its own clock)
+        # could leave one all-reduce early, its peer then waiting on a collective nobody joins
+        done = torch.tensor([float(time.monotonic() - t0 >= float(os.environ["RUN"]))])
+        dist.all_reduce(done)
+        if done.item() > 0:
+            break
         dist.all_reduce(x)
         steps += 1
         time.sleep(0.02)
