@@ -188,12 +188,20 @@ def _spy(monkeypatch):
     return calls
 
 
-def _loss_and_grads(model, x, **kw):
+def _loss_and_grads(model, x, mask=None):
+    """Loss and every gradient of one training forward+backward: the LM and MTP losses, or with a
+    key mask of left-padded rows (the GRPO log-prob pass's form) the per-token losses summed over
+    kept tokens plus the balance term."""
     model.zero_grad(set_to_none=True)
-    out = model(x[:, :-1], labels=x[:, 1:], **kw)
-    loss = out.loss + (out.mtp_loss if out.mtp_loss is not None else 0)
+    if mask is None:
+        out = model(x[:, :-1], labels=x[:, 1:])
+        loss = out.loss + out.mtp_loss
+    else:
+        out = model(x[:, :-1], labels=torch.where(mask.bool(), x[:, 1:], -100), attention_mask=mask,
+                    token_losses=True)
+        loss = (out.token_losses * mask).sum() + out.loss
     loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("attention", ["mla", "mha"])
@@ -208,32 +216,23 @@ def test_model_takes_the_kernel_and_equals_sdpa(native, monkeypatch, attention, 
     try:
         model, cfg = _mla_model(torch.float64, attention)
         x = torch.randint(0, cfg.vocab_size, (3, 70), generator=torch.Generator().manual_seed(1))
-        kw = {}
+        mask = None
         if masked:
             mask = torch.ones(3, 69, dtype=torch.long)
             mask[1, :9], mask[2, :30] = 0, 0
-            kw = {"attention_mask": mask, "labels": torch.where(mask.bool(), x[:, 1:], -100)}
         calls = _spy(monkeypatch)
-        l1, g1 = _loss_and_grads(model, x, **kw) if not masked else _masked_loss(model, x, kw)
-        assert calls == [(torch.float64, masked)] * (3 if not masked else 2)  # layers (+ the MTP block)
+        l1, g1 = _loss_and_grads(model, x, mask)
+        n = 2 if masked else 3  # the layers (+ the MTP block, which token losses skip)
+        assert calls == [(torch.float64, masked)] * n
         monkeypatch.setenv("MEGADS_ATTENTION", "sdpa")
-        l2, g2 = _loss_and_grads(model, x, **kw) if not masked else _masked_loss(model, x, kw)
-        assert len(calls) == (3 if not masked else 2)
+        l2, g2 = _loss_and_grads(model, x, mask)
+        assert len(calls) == n
         torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
         assert g1.keys() == g2.keys()
         for n in g1:
             torch.testing.assert_close(g1[n], g2[n], rtol=1e-10, atol=1e-12, msg=n)
     finally:
         ops.set_backend(prev)
-
-
-def _masked_loss(model, x, kw):
-    """Per-token losses of left-padded rows (the GRPO log-prob pass's form), summed over kept tokens."""
-    model.zero_grad(set_to_none=True)
-    out = model(x[:, :-1], labels=kw["labels"], attention_mask=kw["attention_mask"], token_losses=True)
-    loss = (out.token_losses * kw["attention_mask"]).sum() + out.loss  # + the balance term
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_model_skips_the_kernel_where_it_does_not_apply(native, monkeypatch):
