@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <tuple>
@@ -833,10 +834,17 @@ Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
 // contiguous; Sq <= Sk, the queries being the last Sq positions: query i sees keys j <= Sk - Sq + i),
 // key_mask [B, Sk] of kept keys or none; o [B, Sq, H, Dv], lse [B, H, Sq] (log of each row's softmax
 // sum, for the backward; -inf for a row with no kept key, whose output is 0).
-// One task per (batch, head); each takes its queries in blocks of kRows rows against the keys up to
-// the block's last row, so the scores of a block ([kRows, <= Sk]) stay in cache and the products run
-// in BLAS (sgemm_/dgemm_, the library torch links: MKL on x86 wheels) at close to the matmul peak.
-// Causal work skipped: all key columns past a block's last row; the diagonal block is masked.
+// Queries are taken in blocks of kRows rows against the keys up to the block's last row, so the
+// scores of a block ([kRows, <= Sk]) stay in cache and the products run in BLAS (sgemm_/dgemm_, the
+// library torch links: MKL on x86 wheels) at close to the matmul peak. Causal work skipped: all key
+// columns past a block's last row; the diagonal block is masked.
+// Tasks: each (batch, head)'s blocks are paired first with last, second with second-to-last, ...,
+// so every pair costs about the same (a causal block's cost grows with its row). The forward runs
+// one task per pair: each row's arithmetic is the same whichever task runs it, so its result does
+// not depend on the split. The backward sums dK and dV over the blocks: with at least as many
+// (batch, head) pairs as threads it runs one task per (batch, head), accumulating in block order;
+// with fewer (a long sequence of few heads, e.g. under tensor parallelism, on a many-core host) one
+// task per pair, each summing into its own dK/dV buffer, added up in pair order after.
 // Backward (lse saved, D = rowsum(dO o)): P = exp(scale q k^T - lse); dV += P^T dO;
 // dS = P (dO v^T - D) scale; dQ = dS k; dK += dS^T q.
 
@@ -1019,15 +1027,18 @@ void attention_forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v,
   T* op = o.data_ptr<T>();
   T* lp = lse.data_ptr<T>();
   const T* kp = keep.defined() ? keep.const_data_ptr<T>() : nullptr;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t nb = divup(Sq, kRows), np = divup(nb, 2);
+  at::parallel_for(0, B * H * np, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(std::min(kRows, Sq) * Sk);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / H, h = t % H;
+      const int64_t b = t / (H * np), h = (t / np) % H, pair = t % np;
       const Rows<T> Q = rows_of<T>(q, b, h), K = rows_of<T>(k, b, h), V = rows_of<T>(v, b, h);
       const T* kb = kp ? kp + b * Sk : nullptr;
       T* O = op + (b * Sq * H + h) * Dv;
       T* L = lp + (b * H + h) * Sq;
-      for (int64_t r0 = 0; r0 < Sq; r0 += kRows) {
+      const int64_t blocks[2] = {pair, nb - 1 - pair};
+      for (int u = 0; u < (blocks[0] == blocks[1] ? 1 : 2); ++u) {
+        const int64_t r0 = blocks[u] * kRows;
         const int64_t m = std::min(kRows, Sq - r0), n = off + r0 + m;  // rows [r0, r0 + m) see keys [0, n)
         T* s = buf.data();
         gemm_rm<T>(false, true, m, n, Dq, scale, Q.p + r0 * Q.ld, Q.ld, K.p, K.ld, T(0), s, n);
@@ -1068,34 +1079,53 @@ template <typename T>
 void attention_backward_kernel(const Tensor& go, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
                                const Tensor& lse, const Tensor& keep, Tensor& dq, Tensor& dk, Tensor& dv, T scale) {
   const int64_t B = q.size(0), Sq = q.size(1), Sk = k.size(1), H = q.size(2), Dq = q.size(3), Dv = v.size(3);
-  const int64_t off = Sk - Sq;
+  const int64_t off = Sk - Sq, nb = divup(Sq, kRows), np = divup(nb, 2);
   const RowFns<T> fn = pick_row_fns<T>();
   const T* lp = lse.const_data_ptr<T>();
   const T* kp = keep.defined() ? keep.const_data_ptr<T>() : nullptr;
   T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // G tasks per (b, h), task g taking the pairs g, g + G, ...: G = 1 (dK/dV summed in place) unless
+  // there are fewer (b, h) than threads; then just enough to give every thread work, each task
+  // summing into its own buffer of [Sk, Dq + Dv] (added up in task order below)
+  const int64_t threads = at::get_num_threads();
+  const int64_t G = B * H >= threads ? 1 : std::min(np, divup(threads, B * H));
+  std::vector<T> part(G > 1 ? B * H * G * Sk * (Dq + Dv) : 0);
+  at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = std::min(kRows, Sq);
-    std::vector<T> pbuf(rows * Sk), dpbuf(rows * Sk), d(Sq);
+    std::vector<T> pbuf(rows * Sk), dpbuf(rows * Sk), d(rows);
+    std::vector<int64_t> blocks;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / H, h = t % H;
+      const int64_t bh = t / G, g = t % G, b = bh / H, h = bh % H;
       const Rows<T> Q = rows_of<T>(q, b, h), K = rows_of<T>(k, b, h), V = rows_of<T>(v, b, h);
       const Rows<T> GO = rows_of<T>(go, b, h), O = rows_of<T>(o, b, h);
       const T* kb = kp ? kp + b * Sk : nullptr;
-      const T* L = lp + (b * H + h) * Sq;
-      const int64_t lq = H * Dq, lv = H * Dv;
+      const T* L = lp + bh * Sq;
+      const int64_t lq = H * Dq;
       T* DQ = dqp + (b * Sq * H + h) * Dq;
-      T* DK = dkp + (b * Sk * H + h) * Dq;
-      T* DV = dvp + (b * Sk * H + h) * Dv;
-      for (int64_t r = 0; r < Sq; ++r) {  // D = rowsum(dO o)
-        T acc = 0;
-        const T *g = GO.p + r * GO.ld, *x = O.p + r * O.ld;
-        for (int64_t j = 0; j < Dv; ++j) acc += g[j] * x[j];
-        d[r] = acc;
+      T *DK = dkp + (b * Sk * H + h) * Dq, *DV = dvp + (b * Sk * H + h) * Dv;
+      int64_t lk = H * Dq, lv = H * Dv;
+      if (G > 1) {
+        DK = part.data() + t * Sk * (Dq + Dv);
+        DV = DK + Sk * Dq;
+        lk = Dq;
+        lv = Dv;
       }
-      for (int64_t r0 = 0; r0 < Sq; r0 += kRows) {
-        // rows [r0, r0 + m) see keys [0, n); keys [0, n0) were written by earlier blocks
-        const int64_t m = std::min(kRows, Sq - r0), n = off + r0 + m, n0 = r0 == 0 ? 0 : off + r0;
+      blocks.clear();  // this task's blocks, largest first: the first one writes every key it sees
+      for (int64_t pr = g; pr < np; pr += G) {
+        blocks.push_back(nb - 1 - pr);
+        if (pr != nb - 1 - pr) blocks.push_back(pr);
+      }
+      std::sort(blocks.begin(), blocks.end(), std::greater<int64_t>());
+      for (size_t u = 0; u < blocks.size(); ++u) {
+        // rows [r0, r0 + m) see keys [0, n); dK/dV rows [0, n0) are summed into, [n0, n) written
+        const int64_t r0 = blocks[u] * kRows, m = std::min(kRows, Sq - r0), n = off + r0 + m, n0 = u ? n : 0;
         T *p = pbuf.data(), *dp = dpbuf.data();
+        for (int64_t i = 0; i < m; ++i) {  // D = rowsum(dO o)
+          T acc = 0;
+          const T *gr = GO.p + (r0 + i) * GO.ld, *x = O.p + (r0 + i) * O.ld;
+          for (int64_t j = 0; j < Dv; ++j) acc += gr[j] * x[j];
+          d[i] = acc;
+        }
         gemm_rm<T>(false, true, m, n, Dq, scale, Q.p + r0 * Q.ld, Q.ld, K.p, K.ld, T(0), p, n);
         for (int64_t i = 0; i < m; ++i) {
           if (L[r0 + i] == -std::numeric_limits<T>::infinity()) std::fill(p + i * n, p + (i + 1) * n, T(0));
@@ -1105,11 +1135,29 @@ void attention_backward_kernel(const Tensor& go, const Tensor& q, const Tensor& 
         gemm_rm<T>(true, false, n0, Dv, m, T(1), p, n, go_blk, GO.ld, T(1), DV, lv);  // dV += P^T dO
         gemm_rm<T>(true, false, n - n0, Dv, m, T(1), p + n0, n, go_blk, GO.ld, T(0), DV + n0 * lv, lv);
         gemm_rm<T>(false, true, m, n, Dv, T(1), go_blk, GO.ld, V.p, V.ld, T(0), dp, n);  // dP = dO v^T
-        for (int64_t i = 0; i < m; ++i) fn.ds_row(p + i * n, dp + i * n, n, d[r0 + i], scale);
+        for (int64_t i = 0; i < m; ++i) fn.ds_row(p + i * n, dp + i * n, n, d[i], scale);
         gemm_rm<T>(false, false, m, Dq, n, T(1), dp, n, K.p, K.ld, T(0), DQ + r0 * lq, lq);  // dQ = dS k
         const T* q_blk = Q.p + r0 * Q.ld;
-        gemm_rm<T>(true, false, n0, Dq, m, T(1), dp, n, q_blk, Q.ld, T(1), DK, lq);  // dK += dS^T q
-        gemm_rm<T>(true, false, n - n0, Dq, m, T(1), dp + n0, n, q_blk, Q.ld, T(0), DK + n0 * lq, lq);
+        gemm_rm<T>(true, false, n0, Dq, m, T(1), dp, n, q_blk, Q.ld, T(1), DK, lk);  // dK += dS^T q
+        gemm_rm<T>(true, false, n - n0, Dq, m, T(1), dp + n0, n, q_blk, Q.ld, T(0), DK + n0 * lk, lk);
+      }
+    }
+  });
+  if (G == 1) return;
+  // key row j of (b, h): the sum over its tasks g, in order, of those whose largest block sees j
+  // (task 0's sees every key: it holds the last block)
+  std::vector<int64_t> seen(G);
+  for (int64_t g = 0; g < G; ++g) seen[g] = off + std::min(Sq, (nb - g) * kRows);
+  at::parallel_for(0, B * H * Sk, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / Sk, j = i % Sk, b = bh / H, h = bh % H;
+      T* dkr = dkp + ((b * Sk + j) * H + h) * Dq;
+      T* dvr = dvp + ((b * Sk + j) * H + h) * Dv;
+      for (int64_t g = 0; g < G && j < seen[g]; ++g) {
+        const T* src = part.data() + (bh * G + g) * Sk * (Dq + Dv);
+        const T *pk = src + j * Dq, *pv = src + Sk * Dq + j * Dv;
+        for (int64_t c = 0; c < Dq; ++c) dkr[c] = g ? dkr[c] + pk[c] : pk[c];
+        for (int64_t c = 0; c < Dv; ++c) dvr[c] = g ? dvr[c] + pv[c] : pv[c];
       }
     }
   });

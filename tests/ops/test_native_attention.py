@@ -97,6 +97,41 @@ def test_forward_and_backward_equal_float64_rows(native, B, S, H, Dq, Dv, Sk, ma
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("B, S, H, Sk, masked", [(1, 200, 1, 200, False), (1, 200, 1, 260, True),
+                                                 (1, 330, 2, 330, True), (2, 129, 1, 129, False)])
+def test_fewer_sequences_and_heads_than_threads(native, threads, B, S, H, Sk, masked):
+    """With fewer (batch, head) pairs than threads the kernel splits each pair's query blocks over
+    tasks (the backward then sums dK/dV over per-task buffers): the same float64 references hold
+    at every thread count, and float32 results agree with the one-thread run."""
+    keep = _keep(B, Sk, 5) if masked else None
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            for dtype in (torch.float64, torch.float32):
+                q, k, v = (x.detach().clone().requires_grad_() for x in _inputs(B, S, H, 24, 16, dtype, 9, Sk=Sk))
+                o, lse = torch.ops.megads.causal_attention(q, k, v, keep, 0.3)
+                g = torch.randn(B, S, H, 16, dtype=dtype, generator=torch.Generator().manual_seed(2))
+                results[n, dtype] = (o, lse, *torch.autograd.grad(o, (q, k, v), g))
+                if dtype == torch.float64 and n == threads:
+                    o_ref, lse_ref = _reference(q.detach(), k.detach(), v.detach(), 0.3, keep)
+                    torch.testing.assert_close(o.detach(), o_ref, rtol=1e-12, atol=1e-12)
+                    torch.testing.assert_close(lse, lse_ref, rtol=1e-12, atol=1e-12)
+                    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                    want = torch.autograd.grad(_dense(qr, kr, vr, 0.3, keep), (qr, kr, vr), g)
+                    for name, a, b in zip("qkv", results[n, dtype][2:], want):
+                        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
+    finally:
+        torch.set_num_threads(before)
+    one, many = results[1, torch.float32], results[threads, torch.float32]
+    torch.testing.assert_close(many[0], one[0], rtol=0, atol=0)  # forward: the same arithmetic per row
+    torch.testing.assert_close(many[1], one[1], rtol=0, atol=0)
+    for name, a, b in zip("qkv", many[2:], one[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_expanded_and_transposed_operands_equal_contiguous_ones(native):
     """Operands BLAS cannot read as rows (stride 0 along S, D not unit-stride) are copied first."""
     g = torch.Generator().manual_seed(4)
