@@ -185,39 +185,56 @@ def train_profile(model, timer, toks, reps):
 
 
 def attention_compare(model, toks, reps):
-    """One layer's attention core (softmax(q k^T) v, causal), forward + backward at the step's
-    shapes: megads::causal_attention (what the step runs in float32/float64 on CPU with the native
-    ops) against SDPA (values padded to the keys' head dim for its fused kernel, as megads did
-    before); best of reps + 1 each, alternated."""
-    import torch.nn.functional as F
-
+    """One layer's attention core (softmax(q k^T) v, causal), forward + backward and forward alone:
+    megads::causal_attention (what the step runs in float32/float64 on CPU with the native ops)
+    against SDPA (values padded to the keys' head dim for its fused kernel, as megads did before);
+    best of reps + 1 each, alternated. Two shapes: the step's, and one sequence of 2,048 tokens with
+    one head (a rank's share under TP=8 at micro-batch 1: fewer (batch, head) pairs than threads,
+    where the kernel splits each pair's query blocks over the threads)."""
     from megads.model.mla import native_attention
 
     attn, (B, S) = model.layers[0].attn, toks[:, :-1].shape
     h, dq, dv = attn.n_heads, attn.nope + attn.rope, attn.vdim
-    g = torch.Generator().manual_seed(2)
     dtype = next(model.parameters()).dtype
-    q, k = (torch.randn(B, S, h, dq, generator=g).to(dtype) for _ in range(2))
-    v, grad = (torch.randn(B, S, h, dv, generator=g).to(dtype) for _ in range(2))
-    if not native_attention(q):
+    if not native_attention(torch.empty(0, dtype=dtype)):
         print("attention core: the native kernel does not apply here (dtype or ops backend); SDPA runs")
         return
-    best = {"megads": float("inf"), "SDPA": float("inf")}
+    for b, s, heads in ((B, S, h), (1, 2048, 1)):
+        both, fwd = _time_core(b, s, heads, dq, dv, attn.scale, dtype, reps)
+        flops = 2 * b * heads * s * (s + 1) / 2 * (dq + dv)  # the forward's; forward + backward: 3x
+        print(f"attention core of one layer [B={b}, S={s}, {heads} head{'s' * (heads > 1)}, qk {dq}, v {dv}], "
+              f"{torch.get_num_threads()} threads, forward + backward: "
+              + ", ".join(f"{n} {t * 1e3:,.1f} ms ({3 * flops / t / 1e9:,.0f} GFLOP/s)" for n, t in both.items())
+              + "; forward: " + ", ".join(f"{n} {t * 1e3:,.1f} ms" for n, t in fwd.items()))
+
+
+def _time_core(B, S, h, dq, dv, scale, dtype, reps):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(B, S, h, dq, generator=g).to(dtype) for _ in range(2))
+    v, grad = (torch.randn(B, S, h, dv, generator=g).to(dtype) for _ in range(2))
+
+    def core(name, a, b, c):
+        if name == "megads":
+            return torch.ops.megads.causal_attention(a, b, c, None, scale)[0]
+        return F.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2),
+                                              F.pad(c, (0, dq - dv)).transpose(1, 2), is_causal=True,
+                                              scale=scale)[..., :dv].transpose(1, 2)
+
+    both = {"megads": float("inf"), "SDPA": float("inf")}
+    fwd = dict(both)
     for _ in range(reps + 1):
-        for name in best:
+        for name in both:
             a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
             t = time.perf_counter()
-            if name == "megads":
-                o = torch.ops.megads.causal_attention(a, b, c, None, attn.scale)[0]
-            else:
-                o = F.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2),
-                                                   F.pad(c, (0, dq - dv)).transpose(1, 2), is_causal=True,
-                                                   scale=attn.scale)[..., :dv].transpose(1, 2)
-            o.backward(grad)
-            best[name] = min(best[name], time.perf_counter() - t)
-    flops = 2 * B * h * S * (S + 1) / 2 * (dq + dv) * 3  # forward + backward (twice the forward)
-    print(f"attention core of one layer [B={B}, S={S}, {h} heads, qk {dq}, v {dv}], forward + backward: "
-          + ", ".join(f"{n} {t * 1e3:,.1f} ms ({flops / t / 1e9:,.0f} GFLOP/s)" for n, t in best.items()))
+            core(name, a, b, c).backward(grad)
+            both[name] = min(both[name], time.perf_counter() - t)
+            with torch.no_grad():
+                t = time.perf_counter()
+                core(name, q, k, v)
+                fwd[name] = min(fwd[name], time.perf_counter() - t)
+    return both, fwd
 
 
 def ce_compare(model, toks, reps):
