@@ -3,8 +3,10 @@ and of the `small` preset, with 1 rank (plain python) and 2 ranks (DeepSpeed lau
 
 MFU = model FLOPs per token (megads.model.info, 3 x forward) x tokens/s / (measured fp32 matmul
 rate x ranks). Medians over the steps after the first two (warm-up).
+--malloc both: each job twice, alternating, with MEGADS_MALLOC=keep (the default: glibc keeps freed
+memory, megads.runtime.hardware) and =system (glibc's own trimming; pages fault in again each step).
 
-    python bench/train.py [--steps 12]
+    python bench/train.py [--steps 12] [--malloc keep|system|both]
 """
 import argparse
 import json
@@ -24,12 +26,12 @@ JOBS = {
 }
 
 
-def run(job, ranks, steps, out):
+def run(job, ranks, steps, out, malloc="keep"):
     sets = ["--set", f"train.max_steps={steps}", "--set", f"train.output_dir={out}", "--set", "train.progress=false",
             "--set", "train.save_interval=100000", "--set", "train.eval_interval=100000",
             "--set", "train.samples_at_end=0", "--set", "train.tensorboard=false"]
     args = ["train"] + JOBS[job] + sets + ["--resume", "none"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MEGADS_MALLOC=malloc)
     if ranks == 1:
         cmd = [sys.executable, "-m", "megads"] + args
     else:
@@ -46,16 +48,19 @@ def run(job, ranks, steps, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--malloc", choices=("keep", "system", "both"), default="keep")
     a = ap.parse_args()
+    modes = ("keep", "system") if a.malloc == "both" else (a.malloc,)
     subprocess.run([sys.executable, "-m", "megads", "prepare-data", "configs/tiny.yaml"], cwd=str(ROOT), check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)
-    print("| job | ranks | tokens/s | MFU |")
-    print("|---|---|---|---|")
+    print("| job | ranks | MEGADS_MALLOC | tokens/s | MFU |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for job in JOBS:
             for ranks in (1, 2):
-                tps, mfu = run(job, ranks, a.steps, Path(tmp) / f"{job[:5]}{ranks}")
-                print(f"| {job} | {ranks} | {tps:,.0f} | {100 * mfu:.1f}% |", flush=True)
+                for m in modes:
+                    tps, mfu = run(job, ranks, a.steps, Path(tmp) / f"{job[:5]}{ranks}{m}", m)
+                    print(f"| {job} | {ranks} | {m} | {tps:,.0f} | {100 * mfu:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

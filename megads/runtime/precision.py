@@ -2,7 +2,7 @@
 
 Machines of one kind differ: a Xeon with AMX multiplies bf16 ~6x faster than fp32, an EPYC or a
 Xeon without it ~10x slower; GPUs have bf16 tensor cores. `matmul_peaks` times one square matmul
-in each dtype on the device at hand (best of a few runs, after a warm-up); `resolve` turns
+in each dtype on the device at hand (best of up to five runs, after a warm-up); `resolve` turns
 `auto` into `bf16` where bf16's rate beats fp32's by `BF16_MARGIN` (mixed precision pays for
 casts and fp32 master copies, so a near tie stays fp32), else `fp32`.
 
@@ -30,11 +30,13 @@ def _sync(device: torch.device) -> None:
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device | str = "cpu", n_max: int | None = None,
-                min_s: float = 0.02, reps: int = 3) -> float:
-    """FLOP/s of a square matmul in `dtype`: each n from 256 up (doubling) is timed up to `reps`
-    times, best kept, until a product takes `min_s` or n reaches n_max; the last n's rate is the
-    answer. Bounded in time where a dtype is slow (bf16 without AMX runs at ~1 GFLOP/s on some
-    CPUs: n stays at 256)."""
+                min_s: float = 0.02, reps: int = 5, budget_s: float = 0.5) -> float:
+    """FLOP/s of a square matmul in `dtype`: each n from 256 up (doubling) is timed `reps` times
+    (fewer once they have taken `budget_s`), best kept, until a product takes `min_s` or n reaches
+    n_max; the last n's rate is the answer. The best of several runs, because one run on a shared
+    machine can be slowed by half, which would make every MFU against it look twice as good.
+    Bounded in time where a dtype is slow (bf16 without AMX runs at ~1 GFLOP/s on some CPUs: n
+    stays at 256)."""
     device = torch.device(device)
     n_max = n_max or (8192 if device.type == "cuda" else 2048)
     n = 256
@@ -42,14 +44,15 @@ def matmul_rate(dtype: torch.dtype, device: torch.device | str = "cpu", n_max: i
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         torch.mm(a, b)  # warm-up (and first-call set-up)
-        best = float("inf")
+        best, spent = float("inf"), 0.0
         for _ in range(reps):
             _sync(device)
             t = time.perf_counter()
             torch.mm(a, b)
             _sync(device)
-            best = min(best, time.perf_counter() - t)
-            if best >= min_s and n > 256:
+            dt = time.perf_counter() - t
+            best, spent = min(best, dt), spent + dt
+            if spent >= budget_s:
                 break
         if best >= min_s or n >= n_max:
             return 2 * n ** 3 / best

@@ -159,6 +159,8 @@ class Trainer:
         else:
             self.metrics.write(f"run {self.run_id}: fresh start in {t.output_dir}")
         self.metrics.write(precision.describe(t.precision, self.precision, self.peaks, self.threads))
+        if self.device.type == "cpu":
+            self.metrics.write(hardware.describe_malloc())
         # MFU counts every matmul of the step: the main model's and the MTP modules'
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len) + mtp_flops_per_token(cfg.model, t.seq_len)
         self.peak = self.peaks[self.precision]  # MFU: against the measured peak of the dtype in use

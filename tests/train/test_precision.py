@@ -1,5 +1,5 @@
 """train.precision: auto picks the dtype by measuring both matmul rates; MFU uses the peak of the
-dtype in use; threads follow the user's choice."""
+dtype in use; threads follow the user's choice; glibc keeps freed memory (MEGADS_MALLOC)."""
 import json
 import re
 from pathlib import Path
@@ -72,6 +72,7 @@ def test_train_auto_logs_both_peaks_and_mfu_uses_the_chosen_one(corpus, tmp_path
     for x in steps:  # one process: MFU = model FLOPs/token x tokens/s / the chosen dtype's peak
         assert x["mfu"] == pytest.approx(fpt * x["tokens_per_s"] / x["peak_flops"], rel=1e-9)
         assert 0 < x["mfu"] < 1
+    assert "CPU memory: glibc keeps freed blocks for reuse" in r.stdout, r.stdout[-2000:]
 
 
 def test_threads_follow_the_user(monkeypatch):
@@ -125,3 +126,56 @@ def test_generation_skips_timing_bf16_where_it_is_hopeless(monkeypatch):
     model = Transformer(load_config(preset_path("tiny"), ["model.num_layers=1"]).model)
     used, rates, picked = precision.resolve_decode("auto", model, rows=2)
     assert (used, rates, picked) == ("fp32", {}, model)
+
+
+_CHURN = """
+import resource, sys, torch
+from megads.runtime import hardware
+print(hardware.keep_freed_memory())
+faults = []
+for _ in range(6):  # a step's worth of large temporaries, allocated, written and freed
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ts = [torch.empty(6 << 18).fill_(1.0) for _ in range(20)]  # 20 x 6 MiB
+    del ts
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+print(sum(faults[3:]))  # once glibc's heap has grown to the working set
+"""
+
+
+def _churn(mode):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env["MEGADS_MALLOC"] = mode
+    r = subprocess.run([sys.executable, "-c", _CHURN], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    state, faults = r.stdout.split("\n")[:2]
+    return state, int(faults)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_freed_memory_is_reused_without_page_faults():
+    """Rounds 4-6 of allocating and freeing 120 MiB: with MEGADS_MALLOC=keep (the default) the
+    memory is reused; with system, glibc returns it and each round faults it in again."""
+    kept_state, kept = _churn("keep")
+    system_state, system = _churn("system")
+    assert kept_state == "kept" and system_state.startswith("system")
+    assert system > 1000 and kept * 10 < system, (kept, system)
+
+
+def test_malloc_setting_is_checked_and_a_users_own_wins(monkeypatch):
+    from megads.errors import ConfigError
+
+    for key, value, want in [("MEGADS_MALLOC", "jemalloc", None), ("MEGADS_MALLOC", "system", "system (MEGADS_MALLOC=system)"),
+                             ("MALLOC_TRIM_THRESHOLD_", "1000", "system (set by MALLOC_TRIM_THRESHOLD_)")]:
+        monkeypatch.setattr(hardware, "_malloc_state", None)
+        with monkeypatch.context() as m:
+            m.setenv(key, value)
+            if want is None:
+                with pytest.raises(ConfigError, match="MEGADS_MALLOC: must be keep or system, got 'jemalloc'"):
+                    hardware.keep_freed_memory()
+            else:
+                assert hardware.keep_freed_memory() == want
+                assert hardware.describe_malloc() == f"CPU memory: malloc {want}"
