@@ -842,9 +842,11 @@ Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
 // so every pair costs about the same (a causal block's cost grows with its row). The forward runs
 // one task per pair: each row's arithmetic is the same whichever task runs it, so its result does
 // not depend on the split. The backward sums dK and dV over the blocks: with at least as many
-// (batch, head) pairs as threads it runs one task per (batch, head), accumulating in block order;
-// with fewer (a long sequence of few heads, e.g. under tensor parallelism, on a many-core host) one
-// task per pair, each summing into its own dK/dV buffer, added up in pair order after.
+// (batch, head) pairs as threads it runs one task per (batch, head), accumulating from the last
+// block down; with fewer (a long sequence of few heads, e.g. under tensor parallelism, on a
+// many-core host) G tasks per (batch, head), just enough to occupy the threads, task g taking the
+// pairs g, g + G, ..., each summing into its own dK/dV buffer ([Sk, Dq + Dv]: about threads x Sk x
+// (Dq + Dv) values in all), added up in task order after.
 // Backward (lse saved, D = rowsum(dO o)): P = exp(scale q k^T - lse); dV += P^T dO;
 // dS = P (dO v^T - D) scale; dQ = dS k; dK += dS^T q.
 
