@@ -57,6 +57,7 @@ done
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
   exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+  tee_pid=$!
 fi
 
 run_step() {
@@ -132,4 +133,9 @@ if (( ${#left[@]} )); then
   echo "gpu_check: not run (would pass the ${BUDGET} s budget): ${left[*]}"
   echo "gpu_check: run them with: bash bench/gpu_check.sh ${left[*]}"
 fi
-(( ${#failed[@]} == 0 ))
+status=$(( ${#failed[@]} > 0 ))
+if [[ -n "${tee_pid:-}" ]]; then  # let tee write everything to the log before the script ends
+  exec >&- 2>&-
+  wait "$tee_pid"
+fi
+exit "$status"
