@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from megads.runtime.hardware import add_malloc_argument, bench_malloc
+
 PARTS = {"embed": "embedding", "attn": "attention (MLA)", "attn_norm": "RMSNorm", "ffn_norm": "RMSNorm",
          "gate": "MoE router", "experts": "MoE routed experts", "shared": "MoE shared experts",
          "mlp": "dense MLP", "norm": "final norm + head", "head": "final norm + head"}
@@ -88,8 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--compile", action="store_true", help="also time the training step with compiled blocks")
     p.add_argument("--skip-train", action="store_true", help="the decode step only (bf16 where it is slow)")
+    add_malloc_argument(p)
     args = p.parse_args(argv)
-
+    print(bench_malloc(args.malloc))
     from megads.config import load_model_preset
     from megads.model import Transformer
     from megads.model.cache import new_cache

@@ -46,6 +46,8 @@ import warnings
 import numpy as np
 import torch
 
+from megads.runtime.hardware import add_malloc_argument, bench_malloc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import matmul_peak  # noqa: E402  (bench/model.py: the same peak measurement)
 
@@ -254,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--rollout-decode", default="auto", choices=("auto", "eager", "static", "compile"),
                    help="megads's grpo.rollout_decode (compile: the decode step through torch.compile, compiled "
                         "in the first, dropped, steps)")
+    add_malloc_argument(p)  # this process (TRL) and megads train's (MEGADS_MALLOC passed on)
     p.add_argument("--no-share-prompts", action="store_true",
                    help="megads's log-prob forward runs every row whole (grpo.share_prompts=false)")
     a = p.parse_args(argv)
@@ -270,6 +273,7 @@ def main(argv=None) -> int:
     if a.steps <= a.warmup:
         raise SystemExit("--steps must exceed --warmup")
     torch.set_num_threads(a.threads)
+    print(bench_malloc(a.malloc))
     load0 = os.getloadavg()
     t_start = time.perf_counter()
 

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from megads.runtime.hardware import add_malloc_argument, bench_malloc
+
 
 def matmul_peak(n: int, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of an n x n torch.mm in `dtype` (megads.runtime.precision's measurement, the one
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-modes", default="",
                    help="also decode with these fixed-shape step modes of megads.model.static, comma-separated "
                         "(static, compile)")
+    add_malloc_argument(p)
     args = p.parse_args(argv)
     modes = [m for m in args.decode_modes.split(",") if m]
     for m in modes:
@@ -81,6 +84,7 @@ def main(argv=None) -> int:
             p.error(f"--decode-modes: {m!r} is not one of static, compile (graph needs CUDA; this bench runs on CPU)")
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
+    print(bench_malloc(args.malloc))
 
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging as hf_logging

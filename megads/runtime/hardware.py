@@ -73,6 +73,21 @@ def keep_freed_memory() -> str:
     return _malloc_state
 
 
+def add_malloc_argument(parser) -> None:
+    """A benchmark's --malloc flag (see bench_malloc)."""
+    parser.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                        help="glibc's freed memory kept for reuse, as megads train sets it on CPU (keep, its "
+                             "default), or glibc's own trimming (system); process-wide: every side runs with it")
+
+
+def bench_malloc(mode: str) -> str:
+    """For a benchmark process (before it allocates much): malloc as `megads train` sets it on CPU
+    (mode "keep", its default) or glibc's own ("system"). Process-wide, so every side of a
+    comparison in the process runs with it. Returns the log line."""
+    os.environ[MALLOC_ENV] = mode
+    return describe_malloc()
+
+
 def describe_malloc() -> str:
     state = keep_freed_memory()
     return ("CPU memory: glibc keeps freed blocks for reuse (mmap above 32 MiB only, no trimming; "

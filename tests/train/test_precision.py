@@ -179,3 +179,21 @@ def test_malloc_setting_is_checked_and_a_users_own_wins(monkeypatch):
             else:
                 assert hardware.keep_freed_memory() == want
                 assert hardware.describe_malloc() == f"CPU memory: malloc {want}"
+
+
+def test_bench_malloc_flag_sets_the_process_and_its_children(monkeypatch):
+    """The benches' --malloc: keep by default (what megads train sets on CPU); the choice lands in
+    MEGADS_MALLOC, so a `megads train` the bench starts (bench/grpo.py) runs with the same one."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser()
+    hardware.add_malloc_argument(p)
+    assert p.parse_args([]).malloc == "keep"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--malloc", "jemalloc"])
+    monkeypatch.setattr(hardware, "_malloc_state", None)
+    monkeypatch.setenv("MEGADS_MALLOC", "keep")
+    assert hardware.bench_malloc(p.parse_args(["--malloc", "system"]).malloc) == \
+        "CPU memory: malloc system (MEGADS_MALLOC=system)"
+    assert os.environ["MEGADS_MALLOC"] == "system"
