@@ -1185,6 +1185,120 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_backward_cpu(const Tensor& g
   return {dq, dk, dv};
 }
 
+// ------------------------------------------------------------------ cross entropy's softmax rows
+// x [N, V] (logits, overwritten), target [N] (a vocabulary index, or outside [0, V): none) ->
+// x = exp(x - rowmax), (rowmax [N], sum of the row's exps [N], x[target] before the exp [N], 0
+// where none). One read and one write of the logits (torch's amax, sub, gather, exp and sum take
+// five passes over them). A row holding a NaN or an infinity takes the plain loop with torch's
+// propagation (its max NaN where a NaN is; inf - inf = NaN), so a non-finite logit still makes a
+// non-finite loss.
+
+// max over the row, NaN if it holds one (torch.amax propagates NaN)
+template <typename T>
+T max_propagating(const T* x, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(x[j])) return x[j];
+    mx = std::max(mx, x[j]);
+  }
+  return mx;
+}
+
+template <typename T>
+T softmax_row_plain(T* x, int64_t n, T* mx_out) {
+  const T mx = max_propagating(x, n);
+  double sum = 0;  // (double: see exp_sum_row_avx2)
+  for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(x[j] - mx));
+  *mx_out = mx;
+  return static_cast<T>(sum);
+}
+
+#ifdef MEGADS_X86
+// the max of a row of finite values, with *finite cleared where one is not (x - x is NaN only then)
+__attribute__((target("avx2,fma"))) float max_row_checked_avx2(const float* x, int64_t n, bool* finite) {
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), bad = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    mx = _mm256_max_ps(mx, v);
+    bad = _mm256_add_ps(bad, _mm256_sub_ps(v, v));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  float m = _mm_cvtss_f32(h), b = hsum_avx2(bad);
+  for (; j < n; ++j) {
+    m = std::max(m, x[j]);
+    b += x[j] - x[j];
+  }
+  *finite = b == 0.f;
+  return m;
+}
+
+// x[j] = exp(x[j] - sub) for j < n; returns their sum, accumulated in double (a vocabulary-long
+// row: float lanes would add ~n/8 terms each, ~4x torch's summation error)
+__attribute__((target("avx2,fma"))) double exp_sum_row_avx2(float* x, int64_t n, float sub) {
+  const __m256 sv = _mm256_set1_ps(sub);
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), sv));
+    _mm256_storeu_ps(x + j, p);
+    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(a0, a1));
+  double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - sub));
+  return sum;
+}
+#endif
+
+template <typename T>
+void softmax_rows_kernel(T* x, const int64_t* target, int64_t N, int64_t V, T* rowmax, T* sums, T* picked) {
+#ifdef MEGADS_X86
+  const bool avx = std::is_same_v<T, float> && use_avx2();
+#endif
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* r = x + i * V;
+      const int64_t t = target[i];
+      picked[i] = (t >= 0 && t < V) ? r[t] : T(0);
+#ifdef MEGADS_X86
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx) {
+          bool finite = true;
+          const float mx = max_row_checked_avx2(r, V, &finite);
+          if (finite) {
+            rowmax[i] = mx;
+            sums[i] = static_cast<float>(exp_sum_row_avx2(r, V, mx));
+            continue;
+          }
+        }
+      }
+#endif
+      sums[i] = softmax_row_plain(r, V, rowmax + i);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> softmax_rows_cpu(Tensor& x, const Tensor& target_in) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "softmax_rows_: x must be contiguous float32/float64 [N, V]");
+  const Tensor target = target_in.to(at::kLong).contiguous();
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), "softmax_rows_: target must be [N] for x [N, V]");
+  const int64_t N = x.size(0), V = x.size(1);
+  Tensor rowmax = at::empty({N}, x.options()), sums = at::empty({N}, x.options()), picked = at::empty({N}, x.options());
+  if (x.scalar_type() == at::kDouble)
+    softmax_rows_kernel<double>(x.data_ptr<double>(), target.const_data_ptr<int64_t>(), N, V, rowmax.data_ptr<double>(),
+                                sums.data_ptr<double>(), picked.data_ptr<double>());
+  else
+    softmax_rows_kernel<float>(x.data_ptr<float>(), target.const_data_ptr<int64_t>(), N, V, rowmax.data_ptr<float>(),
+                               sums.data_ptr<float>(), picked.data_ptr<float>());
+  return {rowmax, sums, picked};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(megads, CPU, m) {
@@ -1200,6 +1314,7 @@ TORCH_LIBRARY_IMPL(megads, CPU, m) {
   m.impl("rms_norm_rows", &rms_norm_rows_cpu);
   m.impl("causal_attention", &causal_attention_cpu);
   m.impl("causal_attention_backward", &causal_attention_backward_cpu);
+  m.impl("softmax_rows_", &softmax_rows_cpu);
 }
 
 }  // namespace megads

@@ -42,6 +42,10 @@ TORCH_LIBRARY(megads, m) {
   // d o [B, Sq, H, Dv] -> (d q [B, Sq, H, Dq], d k [B, Sk, H, Dq], d v [B, Sk, H, Dv])
   m.def("causal_attention_backward(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor o, "
         "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  // CPU float32/float64, in place (cross entropy's forward): x [N, V] logits, target [N] (a vocab
+  // index, or outside [0, V): none) -> x = exp(x - rowmax); (rowmax [N], sum of exps [N],
+  // x[target] before the exp [N], 0 where none)
+  m.def("softmax_rows_(Tensor(a!) x, Tensor target) -> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

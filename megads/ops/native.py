@@ -62,7 +62,15 @@ def load() -> None:
         torch.library.register_fake("megads::causal_attention_backward")(_causal_attention_backward_fake)
         torch.library.register_autograd("megads::causal_attention", _causal_attention_backward,
                                         setup_context=_causal_attention_setup)
+    _kernels["softmax_rows"] = hasattr(torch.ops.megads, "softmax_rows_")
+    if _kernels["softmax_rows"]:
+        torch.library.register_fake("megads::softmax_rows_")(_softmax_rows_fake)
     _loaded = True
+
+
+def has_softmax_rows() -> bool:
+    """Whether the loaded library has cross entropy's CPU row kernel `megads::softmax_rows_`."""
+    return _kernels.get("softmax_rows", False)
 
 
 def has_row_kernels() -> bool:
@@ -216,6 +224,10 @@ def _causal_attention_fake(q, k, v, key_mask, scale):
 
 def _causal_attention_backward_fake(grad_o, q, k, v, key_mask, o, lse, scale):
     return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape))
+
+
+def _softmax_rows_fake(x, target):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
 def _causal_attention_setup(ctx, inputs, output):

@@ -10,6 +10,7 @@ reduce-scatters it back.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -281,12 +282,14 @@ class VocabParallelEmbedding(nn.Module):
 class _VocabParallelCE(torch.autograd.Function):
     """Cross entropy over logits [N, V/tp] (this rank's vocab shard; the whole vocabulary on one
     rank) without gathering the vocabulary, in one float buffer: the forward turns it into
-    exp(logits - global row max) in place and keeps it, the backward into the gradient (softmax
-    - one-hot, times the incoming gradient) in place. With `owned` the buffer is the logits
-    themselves (a temporary of the caller's, nobody else reads it: nothing vocabulary-wide is
-    allocated; F.cross_entropy writes a log-softmax, a zero-filled gradient and a log-softmax
-    backward, bench/RESULTS.md), and only one backward can run. float32 at least (float64 stays
-    float64)."""
+    exp(logits - row max) in place and keeps it, the backward into the gradient (softmax - one-hot,
+    times the incoming gradient) in place. With `owned` the buffer is the logits themselves (a
+    temporary of the caller's, nobody else reads it: nothing vocabulary-wide is allocated;
+    F.cross_entropy writes a log-softmax, a zero-filled gradient and a log-softmax backward,
+    bench/RESULTS.md), and only one backward can run. float32 at least (float64 stays float64).
+    On CPU with the native ops the forward's row work is one pass (megads::softmax_rows_: max,
+    exp, sum and the target's logit), each shard's exps taken against its own row max and rescaled
+    by exp(own max - global max) in the sums and the backward."""
 
     @staticmethod
     def forward(ctx, logits, target, start, group, ignore_index, owned):
@@ -295,22 +298,33 @@ class _VocabParallelCE(torch.autograd.Function):
         else:
             x = logits.float()
         parallel = group_size(group) > 1
-        lmax = x.amax(dim=-1)
-        if parallel:
-            dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
-        x.sub_(lmax.unsqueeze(-1))
         local = target - start
         valid = target != ignore_index
         inside = (local >= 0) & (local < x.shape[-1]) & valid
         idx = torch.where(inside, local, torch.zeros_like(local)).unsqueeze(-1)
-        picked = x.gather(-1, idx).squeeze(-1) * inside
-        sumexp = x.exp_().sum(-1)
+        factor = None  # exp(this shard's row max - the global one), where the shard's exps used its own
+        if _native_softmax_rows(x):
+            lmax, sumexp, raw = torch.ops.megads.softmax_rows_(x, torch.where(inside, local, -1))
+            gmax = lmax
+            if parallel:
+                gmax = lmax.clone()
+                dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+                factor = torch.exp(lmax - gmax)
+                sumexp = sumexp * factor
+            picked = torch.where(inside, raw - gmax, 0.0)
+        else:
+            lmax = x.amax(dim=-1)
+            if parallel:
+                dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+            x.sub_(lmax.unsqueeze(-1))
+            picked = x.gather(-1, idx).squeeze(-1) * inside
+            sumexp = x.exp_().sum(-1)
         if parallel:
             both = torch.stack([picked, sumexp])
             dist.all_reduce(both, group=group)
             picked, sumexp = both[0], both[1]
         loss = (sumexp.log() - picked) * valid
-        ctx.save_for_backward(x, sumexp, idx, inside, valid)
+        ctx.save_for_backward(x, sumexp, idx, inside, valid, factor)
         ctx.in_dtype, ctx.consumed = logits.dtype, False
         return loss
 
@@ -320,11 +334,27 @@ class _VocabParallelCE(torch.autograd.Function):
             raise RuntimeError("cross entropy: a second backward through the same logits (their buffer "
                                "became the first backward's gradient)")
         ctx.consumed = True
-        x, sumexp, idx, inside, valid = ctx.saved_tensors
+        x, sumexp, idx, inside, valid, factor = ctx.saved_tensors
         scale = (g * valid).to(x.dtype)
-        grad = x.mul_((scale / sumexp).unsqueeze(-1))  # softmax times the incoming gradient
+        col = scale / sumexp if factor is None else scale * factor / sumexp
+        grad = x.mul_(col.unsqueeze(-1))  # softmax times the incoming gradient
         grad.scatter_add_(-1, idx, -(scale * inside).unsqueeze(-1))
         return grad.to(ctx.in_dtype), None, None, None, None, None
+
+
+def _native_softmax_rows(x) -> bool:
+    """Cross entropy's forward takes megads::softmax_rows_: a contiguous float32 CPU buffer, native
+    ops loaded, a CPU with AVX2 (the kernel's plain loops, float64's included, are slower than
+    torch's vectorised passes) and MEGADS_CPU_PLAIN unset."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or \
+            os.environ.get("MEGADS_CPU_PLAIN", "0") not in ("", "0"):
+        return False
+    from megads import ops
+    from megads.ops import native
+
+    return ops.backend() == "native" and native.has_softmax_rows()
 
 
 def vocab_parallel_cross_entropy(logits, target, *, tp_group=None, vocab_start=0, ignore_index=-100,
