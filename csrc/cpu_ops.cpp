@@ -605,6 +605,14 @@ void block_plain(const float* const* rows, int64_t n, float* s, int64_t SB, int6
 }
 
 #ifdef MEGADS_X86
+// the sum of 8 floats
+__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
 // exp on 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~2 ulp), for
 // arguments <= 0 as a softmax takes them; clamped to [-87, 88] (exp(-87) ~ 1.6e-38)
 __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
@@ -828,6 +836,91 @@ Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
 }
 
 
+// The backward of y = x r w, r = 1 / sqrt(mean(x^2) + eps) per row (r recomputed from x):
+//   dx = r (dy w) - x r^3 sum(dy w x) / D,   dw = sum over rows of dy x r.
+// dw is summed per block of kRmsRows rows, then over the blocks in order (in double): the same
+// result whatever the thread count.
+constexpr int64_t kRmsRows = 64;
+
+// one row: dx, and dy x r added into dw_part; returns nothing
+void rms_backward_row_plain(const float* x, const float* w, const float* dy, int64_t n, float eps, float* dx,
+                            float* dw_part) {
+  float ss = 0.f, c = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    ss += x[i] * x[i];
+    c += dy[i] * w[i] * x[i];
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps), k = r * r * r * c / static_cast<float>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    dx[i] = r * dy[i] * w[i] - x[i] * k;
+    dw_part[i] += dy[i] * x[i] * r;
+  }
+}
+
+#ifdef MEGADS_X86
+__attribute__((target("avx2,fma"))) void rms_backward_row_avx2(const float* x, const float* w, const float* dy,
+                                                                int64_t n, float eps, float* dx, float* dw_part) {
+  __m256 s0 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    s0 = _mm256_fmadd_ps(v, v, s0);
+    c0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(dy + i), _mm256_loadu_ps(w + i)), v, c0);
+  }
+  float ss = hsum_avx2(s0), c = hsum_avx2(c0);
+  for (; i < n; ++i) {
+    ss += x[i] * x[i];
+    c += dy[i] * w[i] * x[i];
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps), k = r * r * r * c / static_cast<float>(n);
+  const __m256 rv = _mm256_set1_ps(r), kv = _mm256_set1_ps(k);
+  i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i), g = _mm256_loadu_ps(dy + i);
+    _mm256_storeu_ps(dx + i, _mm256_fnmadd_ps(v, kv, _mm256_mul_ps(rv, _mm256_mul_ps(g, _mm256_loadu_ps(w + i)))));
+    _mm256_storeu_ps(dw_part + i, _mm256_fmadd_ps(_mm256_mul_ps(g, v), rv, _mm256_loadu_ps(dw_part + i)));
+  }
+  for (; i < n; ++i) {
+    dx[i] = r * dy[i] * w[i] - x[i] * k;
+    dw_part[i] += dy[i] * x[i] * r;
+  }
+}
+#endif
+
+std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& dy_in, const Tensor& x_in, const Tensor& w_in,
+                                                 double eps) {
+  check_float("rms_norm_backward", {&dy_in, &x_in, &w_in});
+  TORCH_CHECK(x_in.dim() >= 1 && w_in.dim() == 1 && x_in.size(-1) == w_in.size(0) && dy_in.sizes() == x_in.sizes(),
+              "rms_norm_backward: dy and x [..., D], w [D]");
+  const Tensor x = x_in.contiguous(), w = w_in.contiguous(), dy = dy_in.contiguous();
+  const int64_t D = x.size(-1), R = D ? x.numel() / D : 0, nb = divup(R, kRmsRows);
+  Tensor dx = at::empty_like(x), dw = at::zeros({D}, w.options());
+  if (R == 0) return {dx, dw};
+  using Fn = void (*)(const float*, const float*, const float*, int64_t, float, float*, float*);
+  Fn fn = &rms_backward_row_plain;
+#ifdef MEGADS_X86
+  if (use_avx2()) fn = &rms_backward_row_avx2;
+#endif
+  const float *xp = x.const_data_ptr<float>(), *wp = w.const_data_ptr<float>(), *gp = dy.const_data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  std::vector<float> part(nb * D, 0.f);
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t r = b * kRmsRows; r < std::min(R, (b + 1) * kRmsRows); ++r)
+        fn(xp + r * D, wp, gp + r * D, D, e, dxp + r * D, part.data() + b * D);
+  });
+  float* dwp = dw.data_ptr<float>();
+  at::parallel_for(0, D, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      double acc = 0;
+      for (int64_t b = 0; b < nb; ++b) acc += part[b * D + j];
+      dwp[j] = static_cast<float>(acc);
+    }
+  });
+  return {dx, dw};
+}
+
 // ------------------------------------------------------------------ causal self-attention (training)
 // softmax(scale q k^T + causal mask + key mask) v, forward and backward, float32/float64, for the
 // layout the model has: q [B, Sq, H, Dq], k [B, Sk, H, Dq], v [B, Sk, H, Dv] (any strides, last dim
@@ -913,13 +1006,6 @@ void ds_row_plain(const T* p, T* dp, int64_t n, T d, T scale) {
 }
 
 #ifdef MEGADS_X86
-__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
-}
-
 __attribute__((target("avx2,fma"))) float exp_row_avx2(float* s, const float* keep, int64_t c, int64_t n, float sub) {
   const __m256 sv = _mm256_set1_ps(sub);
   __m256 acc = _mm256_setzero_ps();
@@ -1312,6 +1398,7 @@ TORCH_LIBRARY_IMPL(megads, CPU, m) {
   m.impl("expert_swiglu_rows", &expert_swiglu_rows_cpu);
   m.impl("latent_attention_rows", &latent_attention_rows_cpu);
   m.impl("rms_norm_rows", &rms_norm_rows_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
   m.impl("causal_attention", &causal_attention_cpu);
   m.impl("causal_attention_backward", &causal_attention_backward_cpu);
   m.impl("softmax_rows_", &softmax_rows_cpu);

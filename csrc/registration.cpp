@@ -32,8 +32,11 @@ TORCH_LIBRARY(megads, m) {
   // joint [B, T, C] cached rows, key_mask [B, T] bool (kept rows) -> o [B, H, value_dim] =
   // softmax(scale q . joint) joint[..., :value_dim]; rows with no kept key give zeros
   m.def("latent_attention_rows(Tensor q, Tensor joint, Tensor? key_mask, int value_dim, float scale) -> Tensor");
-  // inference only (no autograd), CPU float32: x [..., D], w [D] -> x / sqrt(mean(x^2) + eps) * w
+  // CPU float32: x [..., D], w [D] -> x / sqrt(mean(x^2) + eps) * w (autograd: rms_norm_backward)
   m.def("rms_norm_rows(Tensor x, Tensor w, float eps) -> Tensor");
+  // CPU float32, rms_norm_rows' backward (autograd in megads/ops/native.py): dy, x [..., D], w [D]
+  // -> (dx [..., D], dw [D])
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, float eps) -> (Tensor, Tensor)");
   // CPU float32/float64, causal self-attention: q [B, Sq, H, Dq], k [B, Sk, H, Dq], v [B, Sk, H, Dv]
   // (Sq <= Sk: the queries are the last Sq positions), key_mask [B, Sk] bool kept keys or None
   // -> o [B, Sq, H, Dv] = softmax(scale q k^T, causal, kept keys) v (0 for a row with no kept key),

@@ -1,5 +1,6 @@
-"""RMSNorm: NVIDIA Apex's fused kernel on CUDA when importable; on CPU without autograd (decoding)
-the native megads::rms_norm_rows where the library has it; torch's rms_norm otherwise."""
+"""RMSNorm: NVIDIA Apex's fused kernel on CUDA when importable; on CPU in float32 the native
+megads::rms_norm_rows where the library has it (with autograd: its native backward); torch's
+rms_norm otherwise."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +13,17 @@ try:  # optional, built from source on GPU clusters; the PyPI "apex" is an unrel
     from apex.normalization import FusedRMSNorm as _ApexRMSNorm  # type: ignore
 except Exception:  # pragma: no cover - not on CPU machines
     _ApexRMSNorm = None
+
+
+def _native_training(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """rms_norm_rows with its native backward applies: float32 CPU tensors, native ops loaded
+    (F.rms_norm's CPU backward is ~8 elementwise passes; bench/RESULTS.md)."""
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
+        return False
+    from megads import ops
+    from megads.ops import native
+
+    return ops.backend() == "native" and native.has_rms_norm_backward()
 
 
 class RMSNorm(nn.Module):
@@ -35,7 +47,8 @@ class RMSNorm(nn.Module):
             from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # type: ignore
 
             return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
-        if x.dim() >= 1 and row_kernels(x, self.weight):  # float32, CPU, no autograd: one native call
+        if x.dim() >= 1 and (row_kernels(x, self.weight) or _native_training(x, self.weight)):
+            # float32 on CPU: one native pass (with autograd: its native backward, one pass too)
             return torch.ops.megads.rms_norm_rows(x, self.weight, self.eps)
         # normalise in (at least) float32 like the reference implementations, then cast back
         dt = torch.promote_types(x.dtype, torch.float32)

@@ -56,6 +56,12 @@ def load() -> None:
         torch.library.register_fake("megads::expert_swiglu_rows")(_swiglu_rows_fake)
         torch.library.register_fake("megads::latent_attention_rows")(_latent_attention_rows_fake)
         torch.library.register_fake("megads::rms_norm_rows")(_rms_norm_rows_fake)
+    # training's RMSNorm on CPU: rms_norm_rows with its backward (a library built before lacks it)
+    _kernels["rms_backward"] = _kernels["rows"] and hasattr(torch.ops.megads, "rms_norm_backward")
+    if _kernels["rms_backward"]:
+        torch.library.register_fake("megads::rms_norm_backward")(_rms_norm_backward_fake)
+        torch.library.register_autograd("megads::rms_norm_rows", _rms_norm_rows_backward,
+                                        setup_context=_rms_norm_rows_setup)
     _kernels["attention"] = hasattr(torch.ops.megads, "causal_attention")
     if _kernels["attention"]:
         torch.library.register_fake("megads::causal_attention")(_causal_attention_fake)
@@ -71,6 +77,12 @@ def load() -> None:
 def has_softmax_rows() -> bool:
     """Whether the loaded library has cross entropy's CPU row kernel `megads::softmax_rows_`."""
     return _kernels.get("softmax_rows", False)
+
+
+def has_rms_norm_backward() -> bool:
+    """Whether `megads::rms_norm_rows` has its backward (`megads::rms_norm_backward`): training's
+    RMSNorm on CPU in float32."""
+    return _kernels.get("rms_backward", False)
 
 
 def has_row_kernels() -> bool:
@@ -224,6 +236,21 @@ def _causal_attention_fake(q, k, v, key_mask, scale):
 
 def _causal_attention_backward_fake(grad_o, q, k, v, key_mask, o, lse, scale):
     return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape))
+
+
+def _rms_norm_backward_fake(dy, x, w, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), w.new_empty(w.shape)
+
+
+def _rms_norm_rows_setup(ctx, inputs, output):
+    x, w, ctx.eps = inputs
+    ctx.save_for_backward(x, w)
+
+
+def _rms_norm_rows_backward(ctx, dy):
+    x, w = ctx.saved_tensors
+    dx, dw = torch.ops.megads.rms_norm_backward(dy, x, w, ctx.eps)
+    return dx.view(x.shape), dw, None
 
 
 def _softmax_rows_fake(x, target):

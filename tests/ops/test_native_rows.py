@@ -101,7 +101,40 @@ def test_rms_norm_rows_equals_float64_formula(native, shape):
         torch.testing.assert_close(torch.ops.megads.rms_norm_rows(xt, w, 1e-6), y)
 
 
-def test_rmsnorm_module_takes_the_kernel_only_without_autograd(native, monkeypatch):
+@pytest.mark.parametrize("shape", [(4, 1, 512), (3, 7), (2, 5, 33), (130, 24), (1, 16), (0, 8), (9,)])
+def test_rms_norm_backward_equals_float64_autograd(native, shape):
+    """megads::rms_norm_rows' backward (megads::rms_norm_backward) against autograd through the
+    formula in float64; dw summed by fixed blocks of rows: the same bits with 1 and 2 threads."""
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    dy = torch.randn(*shape, generator=g)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64).backward(dy.double())
+    grads = {}
+    for threads in (1, 2):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+            torch.ops.megads.rms_norm_rows(xl, wl, 1e-6).backward(dy)
+        finally:
+            torch.set_num_threads(prev)
+        grads[threads] = (xl.grad, wl.grad)
+        assert xl.grad.shape == x.shape and xl.grad.dtype == wl.grad.dtype == torch.float32
+        torch.testing.assert_close(xl.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wl.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads[1][0], grads[2][0]) and torch.equal(grads[1][1], grads[2][1])
+    if x.dim() >= 2 and x.shape[0] > 1:  # non-contiguous x and dy are read correctly
+        xt = x.transpose(0, -2).contiguous().transpose(0, -2).requires_grad_()
+        wl = w.clone().requires_grad_()
+        torch.ops.megads.rms_norm_rows(xt, wl, 1e-6).backward(dy.transpose(0, -2).contiguous().transpose(0, -2))
+        torch.testing.assert_close(xt.grad, grads[2][0])
+        torch.testing.assert_close(wl.grad, grads[2][1])
+
+
+def test_rmsnorm_module_takes_the_kernel_in_float32(native, monkeypatch):
+    """float32 on CPU with the native ops: the kernel with or without autograd (its gradients
+    those of torch's rms_norm); float64 and the torch backend: torch's rms_norm."""
     from megads import ops
     from megads.model.norm import RMSNorm
 
@@ -111,19 +144,29 @@ def test_rmsnorm_module_takes_the_kernel_only_without_autograd(native, monkeypat
     norm = RMSNorm(24, eps=1e-5)
     norm.weight.data.normal_()
     x = torch.randn(3, 2, 24)
+    dy = torch.randn(3, 2, 24)
     prev = ops.set_backend("native")
     try:
         with torch.no_grad():
             got = norm(x)
             assert len(calls) == 1
             norm(x.double())  # float64: torch's rms_norm
-        want = norm(x)  # autograd: torch's rms_norm
-        assert len(calls) == 1 and want.requires_grad
-        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
-        ops.set_backend("torch")
-        with torch.no_grad():
-            norm(x)
         assert len(calls) == 1
+        xg = x.clone().requires_grad_()
+        trained = norm(xg)  # autograd: the kernel and its backward
+        assert len(calls) == 2 and trained.requires_grad
+        trained.backward(dy)
+        got_grads = (xg.grad, norm.weight.grad)
+        norm.weight.grad = None
+        ops.set_backend("torch")
+        xt = x.clone().requires_grad_()
+        want = norm(xt)
+        want.backward(dy)
+        assert len(calls) == 2
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(trained.detach(), want.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_grads[0], xt.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_grads[1], norm.weight.grad, rtol=1e-5, atol=1e-6)
     finally:
         ops.set_backend(prev)
 
@@ -155,6 +198,10 @@ def test_row_kernels_refuse_what_they_cannot_do(native):
             torch.ops.megads.rms_norm_rows(q.double(), torch.ones(8, dtype=torch.float64), 1e-6)
         with pytest.raises(RuntimeError, match=r"x \[\.\.\., D\], w \[D\]"):
             torch.ops.megads.rms_norm_rows(q, torch.ones(7), 1e-6)
+        with pytest.raises(RuntimeError, match="float32 only"):
+            torch.ops.megads.rms_norm_backward(q.double(), q.double(), torch.ones(8, dtype=torch.float64), 1e-6)
+        with pytest.raises(RuntimeError, match=r"dy and x \[\.\.\., D\], w \[D\]"):
+            torch.ops.megads.rms_norm_backward(q[:1], q, torch.ones(8), 1e-6)
 
 
 def test_model_decode_takes_the_row_kernels_only_without_autograd(native, monkeypatch):
