@@ -42,7 +42,8 @@ def run(job, ranks, steps, out, malloc="keep"):
         raise SystemExit(f"{job} x{ranks} failed:\n{r.stderr[-3000:]}")
     recs = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     recs = recs[2:] or recs
-    return statistics.median(x["tokens_per_s"] for x in recs), statistics.median(x["mfu"] for x in recs)
+    return (statistics.median(x["tokens_per_s"] for x in recs), statistics.median(x["mfu"] for x in recs),
+            recs[0]["peak_flops"])
 
 
 def main():
@@ -53,14 +54,14 @@ def main():
     modes = ("keep", "system") if a.malloc == "both" else (a.malloc,)
     subprocess.run([sys.executable, "-m", "megads", "prepare-data", "configs/tiny.yaml"], cwd=str(ROOT), check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)
-    print("| job | ranks | MEGADS_MALLOC | tokens/s | MFU |")
-    print("|---|---|---|---|---|")
+    print("| job | ranks | MEGADS_MALLOC | tokens/s | MFU | peak measured at start (GFLOP/s, per rank) |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for job in JOBS:
             for ranks in (1, 2):
                 for m in modes:
-                    tps, mfu = run(job, ranks, a.steps, Path(tmp) / f"{job[:5]}{ranks}{m}", m)
-                    print(f"| {job} | {ranks} | {m} | {tps:,.0f} | {100 * mfu:.1f}% |", flush=True)
+                    tps, mfu, peak = run(job, ranks, a.steps, Path(tmp) / f"{job[:5]}{ranks}{m}", m)
+                    print(f"| {job} | {ranks} | {m} | {tps:,.0f} | {100 * mfu:.1f}% | {peak / 1e9:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":
