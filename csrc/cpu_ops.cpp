@@ -842,7 +842,7 @@ Tensor rms_norm_rows_cpu(const Tensor& x_in, const Tensor& w_in, double eps) {
 // result whatever the thread count.
 constexpr int64_t kRmsRows = 64;
 
-// one row: dx, and dy x r added into dw_part; returns nothing
+// one row: dx, and dy x r added into dw_part
 void rms_backward_row_plain(const float* x, const float* w, const float* dy, int64_t n, float eps, float* dx,
                             float* dw_part) {
   float ss = 0.f, c = 0.f;
@@ -1277,7 +1277,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_attention_backward_cpu(const Tensor& g
 // where none). One read and one write of the logits (torch's amax, sub, gather, exp and sum take
 // five passes over them). A row holding a NaN or an infinity takes the plain loop with torch's
 // propagation (its max NaN where a NaN is; inf - inf = NaN), so a non-finite logit still makes a
-// non-finite loss.
+// non-finite loss; a -inf logit (a masked token) there gets its exact exp of 0 (exp_avx2 clamps).
 
 // max over the row, NaN if it holds one (torch.amax propagates NaN)
 template <typename T>

@@ -60,16 +60,16 @@ def weighted_sq_norm(pairs, weights: dict, device) -> torch.Tensor:
     of a small-preset step on CPU, bench/RESULTS.md), their squares summed in float64. A float32
     gradient norm past float32's range (~1.8e19) reads as inf, i.e. non-finite, as in DeepSpeed's
     and Megatron's float32 norms."""
-    norms, ws = [], []
+    by_weight: dict[float, list] = {}  # a few distinct weights (1, 1/dp, 1/(tp dp), 1/edp, 0)
     for g, p in pairs:
         if g is None:
             continue
-        norms.append(torch.linalg.vector_norm(g.detach(), dtype=torch.promote_types(g.dtype, torch.float32))
-                     .to(device=device, dtype=torch.float64))
-        ws.append(float(weights.get(p, 1.0)))
-    if not norms:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return (torch.tensor(ws, dtype=torch.float64, device=device) * torch.stack(norms).square()).sum()
+        norm = torch.linalg.vector_norm(g.detach(), dtype=torch.promote_types(g.dtype, torch.float32))
+        by_weight.setdefault(float(weights.get(p, 1.0)), []).append(norm.to(device=device, dtype=torch.float64))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for w, norms in by_weight.items():
+        total = total + w * torch.stack(norms).square().sum()
+    return total
 
 
 def global_norm(pairs, weights: dict, device) -> torch.Tensor:
