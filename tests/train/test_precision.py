@@ -129,16 +129,18 @@ def test_generation_skips_timing_bf16_where_it_is_hopeless(monkeypatch):
 
 
 _CHURN = """
-import resource, sys, torch
+import random, resource, sys, torch
 from megads.runtime import hardware
 print(hardware.keep_freed_memory())
+rng = random.Random(0)
 faults = []
-for _ in range(6):  # a step's worth of large temporaries, allocated, written and freed
+for _ in range(8):  # a step's worth of large temporaries of mixed sizes, allocated, written and freed
+    sizes = [rng.choice([1, 2, 3, 5, 8, 13, 21, 30]) for _ in range(12)]  # MiB
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ts = [torch.empty(6 << 18).fill_(1.0) for _ in range(20)]  # 20 x 6 MiB
+    ts = [torch.empty(m << 18).fill_(1.0) for m in sizes]
     del ts
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-print(sum(faults[3:]))  # once glibc's heap has grown to the working set
+print(" ".join(map(str, faults)))
 """
 
 
@@ -152,17 +154,23 @@ def _churn(mode):
     r = subprocess.run([sys.executable, "-c", _CHURN], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     state, faults = r.stdout.split("\n")[:2]
-    return state, int(faults)
+    return state, [int(x) for x in faults.split()]
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_freed_memory_is_reused_without_page_faults():
-    """Rounds 4-6 of allocating and freeing 120 MiB: with MEGADS_MALLOC=keep (the default) the
-    memory is reused; with system, glibc returns it and each round faults it in again."""
+    """Eight rounds of allocating and freeing ~100 MiB in blocks of 1-30 MiB. With
+    MEGADS_MALLOC=keep (the default) the second round reuses the first's memory (~0 faults; a
+    later round faults only where it needs more than any before) and rounds 4-8 fault nothing.
+    With system, glibc unmaps what is freed, so the second round faults its pages in again
+    (~27,000). (glibc's own dynamic mmap threshold then makes system reuse memory in some later
+    rounds of so simple a pattern; a training step's mix did not: ~60,000 faults per step,
+    bench/RESULTS.md. So the comparison is round 2, and keep's steady state is checked alone.)"""
     kept_state, kept = _churn("keep")
     system_state, system = _churn("system")
     assert kept_state == "kept" and system_state.startswith("system")
-    assert system > 1000 and kept * 10 < system, (kept, system)
+    assert sum(kept[3:]) < 1000, kept  # steady state: reused
+    assert system[1] > 10000 and 10 * kept[1] < system[1], (kept, system)
 
 
 def test_malloc_setting_is_checked_and_a_users_own_wins(monkeypatch):
