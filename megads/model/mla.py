@@ -27,7 +27,7 @@ from megads.model.norm import RMSNorm
 from megads.model.rope import apply_rope, softmax_scale
 from megads.ops.grouped import row_kernels
 from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp, project,
-                                    group_size, scaled_init_std)
+                                    group_size, normal_init_, scaled_init_std)
 
 
 class MLA(nn.Module):
@@ -58,7 +58,7 @@ class MLA(nn.Module):
                                     sequence_parallel=self.sequence_parallel,
                                     std=scaled_init_std(std, cfg.num_layers))
         for lin in ([self.wq_a] if cfg.q_lora_rank else []) + [self.wkv_a]:
-            nn.init.normal_(lin.weight, std=std)
+            normal_init_(lin.weight, std)
             lin.param_init = {"weight": std}
 
     # ------------------------------------------------------------------ projections

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from megads import ops
 from megads.config import ModelConfig
 from megads.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, copy_to_tp, gather_from_tp, group_rank,
-                                    group_size, reduce_from_tp, scaled_init_std, scatter_to_tp)
+                                    group_size, normal_init_, reduce_from_tp, scaled_init_std,
+                                    scatter_to_tp)
 
 
 class MLP(nn.Module):
@@ -41,7 +42,7 @@ class Gate(nn.Module):
         self.node_limit = node_limit  # (EP nodes, max nodes per token) for node-limited routing
         self.partial_group = None  # set under sequence parallelism (see MoE)
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        nn.init.normal_(self.weight, std=cfg.init_std)
+        normal_init_(self.weight, cfg.init_std)
         self.param_init = {"weight": cfg.init_std}
         # the balancing bias is state, not a parameter: the trainer updates it, never the optimizer
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.router_bias else None)
@@ -82,9 +83,9 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, inter, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
-        nn.init.normal_(self.w1, std=cfg.init_std)
-        nn.init.normal_(self.w3, std=cfg.init_std)
-        nn.init.normal_(self.w2, std=scaled_init_std(cfg.init_std, cfg.num_layers))
+        normal_init_(self.w1, cfg.init_std)
+        normal_init_(self.w3, cfg.init_std)
+        normal_init_(self.w2, scaled_init_std(cfg.init_std, cfg.num_layers))
         self.param_init = {"w1": cfg.init_std, "w3": cfg.init_std, "w2": scaled_init_std(cfg.init_std, cfg.num_layers)}
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        inv, self.attention_factor = self._tables(cfg)
-        self.register_buffer("inv_freq", inv, persistent=False)
+        # computed on the CPU, then moved to the device the model is built on: on the meta device
+        # (megads.train.init.build_local; init_buffers fills it later) torch's arange would go
+        # through its Python reference, whose first call imports torch._dynamo (1.5-2 s)
+        with torch.device("cpu"):
+            inv, self.attention_factor = self._tables(cfg)
+        self.register_buffer("inv_freq", inv.to(torch.get_default_device()), persistent=False)
 
     @staticmethod
     def _tables(cfg: ModelConfig):

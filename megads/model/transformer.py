@@ -15,7 +15,7 @@ from megads.model.moe import MLP, MoE
 from megads.model.norm import RMSNorm
 from megads.model.rope import RotaryEmbedding
 from megads.parallel.tensor import (ColumnParallelLinear, VocabParallelEmbedding, gather_from_sp, gather_from_tp,
-                                    group_rank, group_size, vocab_parallel_cross_entropy)
+                                    group_rank, group_size, normal_init_, vocab_parallel_cross_entropy)
 
 
 @dataclass
@@ -96,7 +96,7 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        nn.init.normal_(self.eh_proj.weight, std=cfg.init_std)
+        normal_init_(self.eh_proj.weight, cfg.init_std)
         self.eh_proj.param_init = {"weight": cfg.init_std}
         self.block = Block(cfg, cfg.num_layers + depth, cfg.n_routed_experts > 0, par)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -192,8 +192,13 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(x, module.weight)
 
 
-def _init_weight(w: torch.Tensor, std: float) -> None:
-    nn.init.normal_(w, mean=0.0, std=std)
+def normal_init_(w: torch.Tensor, std: float) -> None:
+    """w ~ normal(0, std) in place; nothing on the meta device, where a model built for its
+    shapes (megads.train.init.build_local) is filled after it gets storage (seeded_init_ or a
+    checkpoint). torch's normal_ on a meta tensor goes through its Python reference, whose first
+    call imports torch._dynamo: 1.5-2 s of every `megads train` start-up, for values nobody reads."""
+    if not w.is_meta:
+        nn.init.normal_(w, mean=0.0, std=std)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -212,7 +217,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.gather_output, self.sequence_parallel = tp_group, gather_output, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features // tp, in_features))
-        _init_weight(self.weight, std)
+        normal_init_(self.weight, std)
         self.param_init = {"weight": std}  # megads.model.init: the layout-independent seeded init
 
     def forward(self, x):
@@ -239,7 +244,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.input_is_parallel, self.sequence_parallel = tp_group, input_is_parallel, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp))
-        _init_weight(self.weight, std)
+        normal_init_(self.weight, std)
         self.param_init = {"weight": std}  # megads.model.init: the layout-independent seeded init
 
     def forward(self, x):
@@ -264,7 +269,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = r * self.per_rank
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim))
-        _init_weight(self.weight, std)
+        normal_init_(self.weight, std)
         self.param_init = {"weight": std}  # megads.model.init: the layout-independent seeded init
 
     def forward(self, ids):

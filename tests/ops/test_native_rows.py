@@ -46,6 +46,25 @@ def test_expert_swiglu_rows_equals_float64_loop(native, counts):
     torch.testing.assert_close(y.double(), _swiglu64(x, offsets, w1, w3, w2), rtol=1e-4, atol=1e-4)
 
 
+def test_expert_swiglu_rows_rollout_shape_and_saturated_silu(native):
+    """The tiled path (4 or more rows per expert: 4 x 3 register tiles, their remainders and the
+    prefetch of the next tile) at a rollout's ~16 rows per expert, and the vectorised silu where
+    its exp saturates (pre-activations of +-hundreds: silu -> 0 and -> x)."""
+    E, D, inter = 4, 69, 50
+    g = torch.Generator().manual_seed(7)
+    w1, w3 = torch.randn(E, inter, D, generator=g), torch.randn(E, inter, D, generator=g)
+    w2 = torch.randn(E, D, inter, generator=g)
+    offsets = torch.tensor([0, 16, 33, 33, 38])
+    for scale in (1.0, 40.0):
+        x = torch.randn(38, D, generator=g) * scale
+        y = torch.ops.megads.expert_swiglu_rows(x, offsets, w1, w3, w2)
+        ref = _swiglu64(x, offsets, w1, w3, w2)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        if scale > 1:
+            h = torch.einsum("rd,rid->ri", x.double()[:16], w1[0].double().expand(16, -1, -1))
+            assert h.min() < -100 and h.max() > 100  # the saturated ends are exercised
+
+
 def _latent_attention64(q, joint, key_mask, value_dim, scale):
     """softmax over the kept rows of scale * q . joint, times the rows' first value_dim columns,
     in float64, one (row, head) at a time; no kept row gives zeros."""
