@@ -50,11 +50,13 @@ def _eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torc
 
 
 # Decode batches on CPU (no autograd), by the number of expert rows N = B*k (bench/RESULTS.md,
-# "Fourth session"): up to SWIGLU_ROWS, the native kernel megads::expert_swiglu_rows (float32,
-# weight rows streamed against the few input rows; 2-4x the per-expert products); between
-# PADDED_ROWS, every expert's rows padded to the busiest expert's count for three batched
-# matmuls (1.2x the per-expert products at 256 rows); otherwise the grouped products.
-SWIGLU_ROWS = 256
+# "Fourth session", "Eleventh session"): up to SWIGLU_ROWS, the native kernel
+# megads::expert_swiglu_rows (float32, weight rows streamed against the few input rows; 2-4x the
+# per-expert products; since its register tiles, ahead of the padded matmuls at 512 rows too);
+# where it does not apply (bf16, no native ops), between PADDED_ROWS every expert's rows padded
+# to the busiest expert's count for three batched matmuls (1.2x the per-expert products at 256
+# rows); otherwise the grouped products.
+SWIGLU_ROWS = 512
 PADDED_ROWS = (64, 512)
 
 

@@ -360,12 +360,14 @@ def test_plain_loops_equal_float64_references(native):
 
 @pytest.mark.parametrize("counts, padded", [([80, 70, 90, 60], True), ([290, 5, 5, 0], False)])
 def test_mid_sized_decode_batches_pad_only_even_routing(counts, padded, monkeypatch):
-    """Between PADDED_ROWS, ops.grouped_swiglu pads every expert to the busiest one's rows for
-    batched matmuls, unless that would more than double the rows (an uneven routing): then the
-    grouped products. Either way the float64 loop's result."""
+    """Between PADDED_ROWS, where the native kernel does not apply (bf16, a build without the
+    native ops), ops.grouped_swiglu pads every expert to the busiest one's rows for batched
+    matmuls, unless that would more than double the rows (an uneven routing): then the grouped
+    products. Either way the float64 loop's result."""
     from megads.ops import grouped
 
-    assert grouped.SWIGLU_ROWS < sum(counts) <= grouped.PADDED_ROWS[1]
+    assert grouped.PADDED_ROWS[0] < sum(counts) <= grouped.PADDED_ROWS[1]
+    monkeypatch.setattr(grouped, "row_kernels", lambda *tensors: False)
     seen = []
     real = grouped._padded_swiglu
     monkeypatch.setattr(grouped, "_padded_swiglu", lambda *a, **k: seen.append(1) or real(*a, **k))
@@ -379,3 +381,32 @@ def test_mid_sized_decode_batches_pad_only_even_routing(counts, padded, monkeypa
         y = grouped.grouped_swiglu(x, w1, w3, w2, offsets)
     assert bool(seen) == padded
     torch.testing.assert_close(y.double(), _swiglu64(x, offsets, w1, w3, w2), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_batches_up_to_512_expert_rows_take_the_kernel(native, monkeypatch):
+    """float32 decode batches of up to SWIGLU_ROWS = 512 expert rows (a 128-row rollout, top-4)
+    take megads::expert_swiglu_rows (ahead of the padded matmuls there since its register tiles,
+    bench/RESULTS.md); 513 rows take the grouped products."""
+    from megads import ops
+    from megads.ops import grouped
+
+    prev = ops.set_backend("native")
+    try:
+        calls = []
+        real = torch.ops.megads.expert_swiglu_rows
+        monkeypatch.setattr(torch.ops.megads, "expert_swiglu_rows", lambda *a: calls.append(1) or real(*a),
+                            raising=False)
+        E, D, inter = 4, 24, 12
+        g = torch.Generator().manual_seed(5)
+        w1, w3 = torch.randn(E, inter, D, generator=g), torch.randn(E, inter, D, generator=g)
+        w2 = torch.randn(E, D, inter, generator=g)
+        for counts, kernel in (([130, 120, 140, 122], True), ([130, 120, 140, 123], False)):
+            offsets = torch.tensor([0] + counts).cumsum(0)
+            x = torch.randn(int(offsets[-1]), D, generator=g)
+            calls.clear()
+            with torch.no_grad():
+                y = grouped.grouped_swiglu(x, w1, w3, w2, offsets)
+            assert bool(calls) == kernel, (sum(counts), calls)
+            torch.testing.assert_close(y.double(), _swiglu64(x, offsets, w1, w3, w2), rtol=1e-4, atol=1e-4)
+    finally:
+        ops.set_backend(prev)
