@@ -196,7 +196,8 @@ def normal_init_(w: torch.Tensor, std: float) -> None:
     """w ~ normal(0, std) in place; nothing on the meta device, where a model built for its
     shapes (megads.train.init.build_local) is filled after it gets storage (seeded_init_ or a
     checkpoint). torch's normal_ on a meta tensor goes through its Python reference, whose first
-    call imports torch._dynamo: 1.5-2 s of every `megads train` start-up, for values nobody reads."""
+    call imports torch._dynamo (1.5-2 s of start-up, for values nobody reads; `megads train`
+    imports it anyway with torch's optimizer, `megads generate` no longer does)."""
     if not w.is_meta:
         nn.init.normal_(w, mean=0.0, std=std)
 
