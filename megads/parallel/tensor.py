@@ -161,7 +161,7 @@ def reduce_scatter_to_sp(x, group, dim=1):
 
 # ---------------------------------------------------------------- layers
 
-ROWS_KERNEL = 16  # inputs of up to this many rows take megads::linear_rows where it applies
+ROWS_KERNEL = 24  # inputs of up to this many rows take megads::linear_rows where it applies
 ROWS_TRANSPOSED = (32, 128)  # else W @ x^T on CPU up to this many rows (with, without autograd)
 
 
@@ -173,7 +173,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     128 without (decode batches such as a 64-row rollout; training keeps F.linear there)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < rows <= ROWS_KERNEL and x.dim() >= 2 and row_kernels(x, weight):
-        # the native few-row kernel (float32, no autograd): 1.3-3x MKL's product up to 16 rows
+        # the native few-row kernel (float32, no autograd): 1.3-3x MKL's product up to 16 rows,
+        # 1.1-1.5x W @ x^T at 20-24 (bench/RESULTS.md, "Eleventh session"; even at 32)
         flat = x.reshape(rows, x.shape[-1])
         return torch.ops.megads.linear_rows(flat, weight).view(*x.shape[:-1], weight.shape[0])
     limit = ROWS_TRANSPOSED[0] if torch.is_grad_enabled() else ROWS_TRANSPOSED[1]

@@ -241,7 +241,7 @@ def test_model_decode_takes_the_row_kernels_only_without_autograd(native, monkey
             torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
             assert calls == ["linear_rows"]
             linear(x.double(), w.double())
-            linear(torch.randn(17, 16), w)  # more rows than the kernel takes
+            linear(torch.randn(25, 16), w)  # more rows than the kernel takes (ROWS_KERNEL = 24)
         linear(x, w.requires_grad_())  # autograd
         assert calls == ["linear_rows"]
         E, D, inter = 3, 16, 8
