@@ -583,6 +583,7 @@ __attribute__((target("avx2,fma"))) void tile_rows_avx2(const float* w, const fl
 __attribute__((target("avx2,fma"))) void rows_times_avx2(const float* W, int64_t j0, int64_t j1, const float* x,
                                                           int64_t ld, int64_t r0, int64_t r1, int64_t n, float* y,
                                                           int64_t ystride) {
+  if (r1 <= r0) return;
   if (r1 - r0 < 4) {  // fewer rows than a tile: dots_avx2 (two accumulators per row) streams the weights faster
     for (int64_t j = j0; j < j1; ++j)
       dots_avx2(W + j * n, x + r0 * ld, ld, static_cast<int>(r1 - r0), n, y + r0 * ystride + j, ystride);
