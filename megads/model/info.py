@@ -69,13 +69,38 @@ def param_counts(c: ModelConfig) -> dict:
             "embedding_params": emb + head}
 
 
+def _product_weights(c: ModelConfig) -> int:
+    """Active weights a token's forward multiplies by: all but the input embedding, whose lookup
+    costs no FLOPs (with tied embeddings the one matrix is the head's, and it does)."""
+    active = param_counts(c)["active_params"]
+    return active if c.tie_embeddings else active - c.vocab_size * c.hidden_size
+
+
 def flops_per_token(c: ModelConfig, seq_len: int = 4096) -> int:
     """Training FLOPs per token: 3 x (2 x active matmul weights + causal attention)."""
-    counts = param_counts(c)
-    matmul = counts["active_params"] - c.vocab_size * c.hidden_size  # no FLOPs for the lookup
+    matmul = _product_weights(c)
     qk = c.qk_nope_head_dim + c.qk_rope_head_dim
     attn = c.num_layers * 2 * c.num_heads * (qk + c.v_head_dim) * (seq_len / 2)
     return int(3 * (2 * matmul + attn))
+
+
+def decode_flops_per_token(c: ModelConfig, context: int) -> int:
+    """Forward FLOPs of one decode step per row, attending over `context` cached positions (the
+    new one included), as megads's decode computes it: 2 x active matmul weights (no embedding
+    lookup, no RMSNorm weights; MLA's W_UK and W_UV are applied once to the query and once to the output, so they
+    count as weights) + per layer the attention over the cache: MLA's absorbed form scores each
+    head against the [latent | rope key] rows (2 x n_h x (kv_lora + rope) x context) and sums the
+    latents (2 x n_h x kv_lora x context); the MHA baseline 2 x n_h x (qk + v) x context. The MTP
+    modules do not run in decoding. A bench divides a step's FLOPs (rows x this) by its time and
+    the measured matmul peak: the share of the peak a decode step reaches, or would need."""
+    norms = c.num_layers * 2 * c.hidden_size + c.hidden_size  # RMSNorm weights: no products
+    if c.attention == "mha":
+        per_pos = c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+    else:
+        norms += c.num_layers * (c.q_lora_rank + c.kv_lora_rank)
+        per_pos = c.num_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+    matmul = _product_weights(c) - norms
+    return int(2 * matmul + c.num_layers * 2 * per_pos * context)
 
 
 def kv_cache_bytes(c: ModelConfig, dtype: str | None = None) -> dict:
