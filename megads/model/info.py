@@ -8,6 +8,8 @@ Conventions (stated in `megads model-info` output):
 - flops_per_token (training): 3 x forward; forward = 2 x active matmul weights (no embedding
   lookup) + causal attention 2 x n_h x (qk_head + v_head) x seq/2 x 2 per layer at max_seq_len
   ... at `seq_len` (argument, default 4096).
+- decode_flops_per_token(c, context): one decode step's forward per row over `context` cached
+  positions (absorbed MLA: W_UK/W_UV on the query and output, scores and sums over the latents).
 - mtp_flops_per_token: what the MTP modules add to flops_per_token (their blocks, projections and
   the shared output head); a training run costs (flops_per_token + mtp_flops_per_token) x tokens.
 - kv_cache_bytes_per_token: the decode cache of the model's own attention. MLA caches
@@ -87,12 +89,13 @@ def flops_per_token(c: ModelConfig, seq_len: int = 4096) -> int:
 def decode_flops_per_token(c: ModelConfig, context: int) -> int:
     """Forward FLOPs of one decode step per row, attending over `context` cached positions (the
     new one included), as megads's decode computes it: 2 x active matmul weights (no embedding
-    lookup, no RMSNorm weights; MLA's W_UK and W_UV are applied once to the query and once to the output, so they
-    count as weights) + per layer the attention over the cache: MLA's absorbed form scores each
-    head against the [latent | rope key] rows (2 x n_h x (kv_lora + rope) x context) and sums the
-    latents (2 x n_h x kv_lora x context); the MHA baseline 2 x n_h x (qk + v) x context. The MTP
-    modules do not run in decoding. A bench divides a step's FLOPs (rows x this) by its time and
-    the measured matmul peak: the share of the peak a decode step reaches, or would need."""
+    lookup, no RMSNorm weights; MLA's W_UK and W_UV are applied once to the query and once to the
+    output, so they count as weights) + per layer the attention over the cache: MLA's absorbed
+    form scores each head against the [latent | rope key] rows (2 x n_h x (kv_lora + rope) x
+    context) and sums the latents (2 x n_h x kv_lora x context); the MHA baseline 2 x n_h x
+    (qk + v) x context. The MTP modules do not run in decoding. A bench divides a step's FLOPs
+    (rows x this) by its time and the measured matmul peak: the share of the peak a decode step
+    reaches, or would need."""
     norms = c.num_layers * 2 * c.hidden_size + c.hidden_size  # RMSNorm weights: no products
     if c.attention == "mha":
         per_pos = c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
