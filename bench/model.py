@@ -2,7 +2,9 @@
 
 Measures, in one run on this machine:
 - training: forward+backward tokens/s and MFU (model FLOPs from megads.model.info against this
-  machine's fp32 matmul rate, measured here with a large torch.mm);
+  machine's fp32 matmul rate, measured here with a large torch.mm: the best rate of the run, and,
+  since this kind of machine drifts in speed within minutes, also the median over the rounds of
+  each round's MFU against the same product timed beside the step in that round);
 - decode: greedy tokens/s after a long prompt (prefill timed separately and subtracted);
 - KV cache: bytes per token (megads: its MLACache; transformers: the DynamicCache tensors after
   prefill divided by the tokens);
@@ -40,10 +42,10 @@ def matmul_peak(n: int, dtype: torch.dtype = torch.float32) -> float:
     return matmul_rate(dtype, "cpu", n_max=n)
 
 
-def time_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
+def time_interleaved(fns: dict, reps: int, warmup: int = 1, record: dict | None = None) -> dict:
     """Best wall time of each fn over `reps` rounds, the fns alternating inside a round so that
     load from other processes on a shared machine hits them alike (the minimum is the least
-    disturbed run)."""
+    disturbed run). record: a dict of lists that gets every round's time of each fn."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -52,7 +54,10 @@ def time_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
         for k, fn in fns.items():
             t = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t)
+            dt = time.perf_counter() - t
+            best[k] = min(best[k], dt)
+            if record is not None:
+                record.setdefault(k, []).append(dt)
     return best
 
 
@@ -144,9 +149,16 @@ def main(argv=None) -> int:
         theirs.zero_grad(set_to_none=True)
         theirs(input_ids=inp, labels=inp).loss.backward()  # transformers shifts the labels itself
 
+    # a square product timed between the two steps in every round: the MFU of each round against
+    # the peak of the same moment (this machine's speed drifts by a third within minutes)
+    n_pk = mm if peak > 20e9 else 256  # bf16 without AMX: ~1 GFLOP/s, a 2048 product would take 17 s
+    a_pk, b_pk = torch.randn(n_pk, n_pk).to(dt), torch.randn(n_pk, n_pk).to(dt)
+    rounds = {"ours": [], "theirs": [], "peak": []}
     ours.train()
     theirs.train()
-    t = time_interleaved({"ours": ours_step, "theirs": theirs_step}, steps)
+    t = time_interleaved({"ours": ours_step, "theirs": theirs_step, "peak": lambda: torch.mm(a_pk, b_pk)}, steps,
+                         record=rounds)
+    peak = max(peak, 2 * n_pk ** 3 / t["peak"])
     ours.zero_grad(set_to_none=True)
     theirs.zero_grad(set_to_none=True)
     ours.eval()
@@ -223,6 +235,8 @@ def main(argv=None) -> int:
     # training step, or its decode step (rows x decode FLOPs at the decode's mean context), would
     # have to reach for the target multiple of transformers' figure in this run.
     mfu_ours, mfu_theirs = fpt * train_ours / peak, fpt * train_theirs / peak
+    paired = {k: statistics.median(fpt * tb * ts / s_ / (2 * n_pk ** 3 / p_) for s_, p_ in zip(rounds[k], rounds["peak"]))
+              for k in ("ours", "theirs")}
     step_flops = db * decode_flops_per_token(cfg, dp + dn // 2)
     step_share = {k: step_flops / min(steps_t[k]) / peak for k in ("ours", "theirs")}
     dec_target = 5 if db <= 4 else 8
@@ -231,6 +245,8 @@ def main(argv=None) -> int:
          f"{train_ours / train_theirs:.2f}x", ">= 3x"),
         (f"train MFU (model FLOPs / measured {name} peak)", f"{100 * mfu_ours:.1f}%", f"{100 * mfu_theirs:.1f}%", "",
          ">= 75%" if name == "fp32" else ">= 35%"),
+        ("  median over rounds, against the product timed beside each step", f"{100 * paired['ours']:.1f}%",
+         f"{100 * paired['theirs']:.1f}%", "", ""),
         ("  3x transformers would need an MFU of", f"{300 * mfu_theirs:.0f}%", "", "", ""),
         (f"prefill tokens/s (B={db}, prompt {dp})", f"{db * dp / p_ours:,.0f}", f"{db * dp / p_theirs:,.0f}",
          f"{p_theirs / p_ours:.2f}x", ""),
