@@ -44,8 +44,16 @@ class LayerCache:
         start: an int, or a long tensor [S] of the positions on the cache's device (no host value:
         the fixed-shape decode step of megads.model.static, replayed as a CUDA graph)."""
         if isinstance(start, torch.Tensor):
+            # index_put_ into whole buffers: torch.compile keeps it in place, while index_copy_
+            # (or any write into a view of the buffer) was lowered to copying the whole cache out
+            # and back at every step (~5 ms of a 64-row decode step of the small preset). So the
+            # joint buffer gets the [latent | rope key] rows in one write
+            if self.latent is not None:
+                self.latent[:, start] = torch.cat([kv, pe], dim=-1).to(self.latent.dtype)
+                return
+
             def put(dst, src):
-                dst.index_copy_(1, start, src)
+                dst[:, start] = src
         else:
             end = start + kv.shape[1]
 

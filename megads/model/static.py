@@ -3,9 +3,9 @@
 `generate`'s plain step grows with the context (it attends over the filled cache positions,
 sliced by a host integer), so it can be neither captured as a CUDA graph nor compiled without
 recompiling. `StaticDecode` runs the step on buffers allocated once: the token and position of
-every row, the cache position to write (a device tensor, written with index_copy_) and the
-generation's key mask [B, max_len]; attention runs over the whole cache, unfilled positions
-masked out. Its modes:
+every row, the cache position to write (a device tensor: an index_put_ into the cache, which
+torch.compile keeps in place) and the generation's key mask [B, max_len]; attention runs over
+the whole cache, unfilled positions masked out. Its modes:
 
 - "static": those fixed shapes, eager ops (a reference: it equals the plain step);
 - "compile": the step through torch.compile, traced once for the whole generation;

@@ -85,6 +85,51 @@ def test_compiled_static_step_gives_the_same_greedy_tokens():
     assert torch.equal(again, model.generate(tokens2, max_new_tokens=6, decode="eager"))
 
 
+def test_compiled_step_writes_the_cache_in_place():
+    """The compiled step's graph (inductor's post-grad graph, before its reinplacing pass) touches
+    the cache buffers only to write this step's rows (index_put, and the functional write-back
+    copy_ of the mutated input, which the reinplacing turns into one in-place index_put_) and to
+    read them (the attention kernel). Writes into views of the buffer (index_copy_ into its latent
+    and rope parts, as before) became as_strided_scatter ops there, lowered to copying every
+    layer's whole cache out and back at every step."""
+    import torch._inductor.config as inductor_config
+
+    cfg = cfg_for(mtp_depth=0, num_layers=2)
+    model = make(cfg).float().eval()
+    B, S, N = 3, 5, 36
+    tokens = torch.randint(1, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+    cache = new_cache(cfg, B, S + N)
+    full = tuple(cache.layers[0].latent.shape)
+    ops = []
+
+    def record(graph):
+        for n in graph.nodes:
+            if n.op == "call_function":
+                shapes = [tuple(a.meta["val"].shape) for a in n.args
+                          if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+                ops.append((str(n.target), shapes))
+
+    with torch.no_grad():
+        model(tokens, cache=cache)
+        ref = new_cache(cfg, B, S + N)
+        model(tokens, cache=ref)
+        mask = torch.zeros(B, S + N, dtype=torch.bool)
+        mask[:, :S + 1] = True
+        torch._dynamo.reset()
+        with inductor_config.patch(post_grad_custom_post_pass=record):
+            got = StaticDecode(model, cache, mask, "compile")(tokens[:, -1], torch.full((B,), S), S)
+        want = model(tokens[:, -1:], positions=torch.full((B, 1), S), cache=ref, attention_mask=mask[:, :S + 1])[:, -1]
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cache.layers, ref.layers):
+        torch.testing.assert_close(a.latent, b.latent, rtol=0, atol=1e-6)
+    on_cache = [(t, shapes) for t, shapes in ops if full in shapes]
+    assert on_cache, ops  # the graph was recorded
+    assert any(t == "aten.index_put.default" for t, _ in on_cache), on_cache
+    assert {t for t, _ in on_cache} <= {"aten.index_put.default", "aten.copy_.default",
+                                        "megads.latent_attention_rows.default"}, on_cache
+
+
 def test_refusals_and_auto():
     cfg = cfg_for(mtp_depth=0)
     model = make(cfg)
