@@ -235,8 +235,8 @@ def main(argv=None) -> int:
     # training step, or its decode step (rows x decode FLOPs at the decode's mean context), would
     # have to reach for the target multiple of transformers' figure in this run.
     mfu_ours, mfu_theirs = fpt * train_ours / peak, fpt * train_theirs / peak
-    paired = {k: statistics.median(fpt * tb * ts / s_ / (2 * n_pk ** 3 / p_) for s_, p_ in zip(rounds[k], rounds["peak"]))
-              for k in ("ours", "theirs")}
+    paired = {k: statistics.median(fpt * tb * ts / s_ / (2 * n_pk ** 3 / p_)
+                                   for s_, p_ in zip(rounds[k], rounds["peak"])) for k in ("ours", "theirs")}
     step_flops = db * decode_flops_per_token(cfg, dp + dn // 2)
     step_share = {k: step_flops / min(steps_t[k]) / peak for k in ("ours", "theirs")}
     dec_target = 5 if db <= 4 else 8

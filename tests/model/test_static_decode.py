@@ -116,7 +116,8 @@ def test_compiled_step_writes_the_cache_in_place():
         mask = torch.zeros(B, S + N, dtype=torch.bool)
         mask[:, :S + 1] = True
         torch._dynamo.reset()
-        with inductor_config.patch(post_grad_custom_post_pass=record):
+        # fx_graph_cache off: compiled here, not fetched from an earlier run's cache
+        with inductor_config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):
             got = StaticDecode(model, cache, mask, "compile")(tokens[:, -1], torch.full((B,), S), S)
         want = model(tokens[:, -1:], positions=torch.full((B, 1), S), cache=ref, attention_mask=mask[:, :S + 1])[:, -1]
     torch._dynamo.reset()
