@@ -77,6 +77,19 @@ class Recorder(TorchDispatchMode):
         return out
 
 
+def record_best(step, times: int = 3) -> tuple[list, list]:
+    """The ops of `step` (the last of `times` recorded runs: name, func, args, kwargs, seconds) and
+    each op's least disturbed time over the runs (the ops of one step are the same every run)."""
+    best = None
+    for _ in range(times):
+        rec = Recorder()
+        with rec:
+            step()
+        dts = [op[4] for op in rec.ops]
+        best = dts if best is None else [min(a, b) for a, b in zip(best, dts)]
+    return rec.ops, best
+
+
 def best_alone(func, args, kwargs, reps: int) -> float:
     for _ in range(2):  # operands into cache
         func(*args, **kwargs)
@@ -97,6 +110,46 @@ def label(name: str, args, vocab: int) -> str:
     return name
 
 
+def model_pair(preset: str, max_len: int):
+    """(cfg, megads's model, transformers' DeepseekV3 on the same weights), float32, as bench/model.py
+    builds them: no MTP, no sequence-wise auxiliary loss (the two compute the same loss)."""
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from megads import hf
+    from megads.config import load_model_preset
+    from megads.model import Transformer
+
+    hf_logging.set_verbosity_error()
+    cfg = load_model_preset(preset)
+    cfg.mtp_depth, cfg.seq_aux_alpha = 0, 0.0
+    cfg.max_seq_len = max(cfg.max_seq_len, max_len)
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        hf.megads_to_hf(ours, d)
+        theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    return cfg, ours, theirs
+
+
+def print_products(rows: dict, digits: tuple = (3, 2)) -> tuple[int, float, float]:
+    """The products' table (rows: label -> [calls, FLOPs, s in the step, s alone]), largest time in
+    the step first, and its total row; returns (FLOPs, s in the step, s alone) summed."""
+    g, t = digits
+    print("| product | calls | GFLOP | ms in the step | ms alone, warm | GFLOP/s in the step | alone, warm |")
+    print("|---|---|---|---|---|---|---|")
+    tot = [0, 0.0, 0.0]
+    for key, (n, fl, t_in, t_alone) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
+        tot[0] += fl
+        tot[1] += t_in
+        tot[2] += t_alone
+        print(f"| {key} | {n} | {fl / 1e9:.{g}f} | {t_in * 1e3:.{t}f} | {t_alone * 1e3:.{t}f} | "
+              f"{fl / t_in / 1e9:.0f} | {fl / t_alone / 1e9:.0f} |")
+    print(f"| **all products** | | {tot[0] / 1e9:.{g}f} | {tot[1] * 1e3:.{t}f} | {tot[2] * 1e3:.{t}f} | "
+          f"{tot[0] / tot[1] / 1e9:.0f} | {tot[0] / tot[2] / 1e9:.0f} |")
+    return tot[0], tot[1], tot[2]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
@@ -108,26 +161,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     malloc = bench_malloc(args.malloc)
 
-    from transformers import DeepseekV3ForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from megads import hf
-    from megads.config import load_model_preset
-    from megads.model import Transformer
     from megads.model.cache import new_cache
     from megads.model.info import decode_flops_per_token
     from megads.runtime.precision import matmul_rate
 
-    hf_logging.set_verbosity_error()
-    cfg = load_model_preset(args.preset)
-    cfg.mtp_depth, cfg.seq_aux_alpha = 0, 0.0
     B, P = args.batch, args.prompt
-    cfg.max_seq_len = max(cfg.max_seq_len, P + 8)
-    torch.manual_seed(0)
-    ours = Transformer(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.megads_to_hf(ours, d)
-        theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    cfg, ours, theirs = model_pair(args.preset, P + 8)
+    ours.eval()
+    theirs.eval()
     prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(1))
     nxt = prompt[:, -1:]
     peak = matmul_rate(torch.float32, "cpu", n_max=2048)
@@ -163,16 +204,10 @@ def main(argv=None) -> int:
         step_ours, step_theirs = best["ours"], best["theirs"]
         for _ in range(3):
             ours_step()
-        best_in_step = {}
-        for _ in range(3):  # the least disturbed of three recorded steps, op by op
-            rec = Recorder()
-            with rec:
-                ours_step()
-            for i, (name, func, a_, k_, dt) in enumerate(rec.ops):
-                best_in_step[i] = min(best_in_step.get(i, float("inf")), dt)
+        ops, best_in_step = record_best(ours_step)
         rows = collections.OrderedDict()
         other_in_step, n_other = 0.0, 0
-        for i, (name, func, a_, k_, _) in enumerate(rec.ops):
+        for i, (name, func, a_, k_, _) in enumerate(ops):
             if name not in PRODUCTS:
                 other_in_step += best_in_step[i]
                 n_other += 1
@@ -189,17 +224,7 @@ def main(argv=None) -> int:
     print(f"decode step at B={B} after a {P}-token prompt; fp32 matmul peak (torch.mm up to 2048): "
           f"{peak / 1e9:.1f} GFLOP/s; megads and transformers agree on the step to {agree:.1e} rel")
     print()
-    print("| product | calls | GFLOP | ms in the step | ms alone, warm | GFLOP/s in the step | alone, warm |")
-    print("|---|---|---|---|---|---|---|")
-    tot = [0, 0.0, 0.0]
-    for key, (n, fl, t_in, t_alone) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
-        tot[0] += fl
-        tot[1] += t_in
-        tot[2] += t_alone
-        print(f"| {key} | {n} | {fl / 1e9:.3f} | {t_in * 1e3:.2f} | {t_alone * 1e3:.2f} | "
-              f"{fl / t_in / 1e9:.0f} | {fl / t_alone / 1e9:.0f} |")
-    print(f"| **all products** | | {tot[0] / 1e9:.3f} | {tot[1] * 1e3:.2f} | {tot[2] * 1e3:.2f} | "
-          f"{tot[0] / tot[1] / 1e9:.0f} | {tot[0] / tot[2] / 1e9:.0f} |")
+    tot = print_products(rows)
     print(f"| the {n_other} other ops (norms, rope, routing, copies, ...) | | | {other_in_step * 1e3:.2f} | | | |")
     print()
     print(f"products' FLOPs in the step: {tot[0]:,}; megads.model.info.decode_flops_per_token x rows: "

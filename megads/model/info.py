@@ -6,8 +6,8 @@ Conventions (stated in `megads model-info` output):
 - active_params: weights a token touches: attention, dense MLPs, shared experts, the router and
   num_experts_per_tok routed experts per MoE layer, plus embedding and head.
 - flops_per_token (training): 3 x forward; forward = 2 x active matmul weights (no embedding
-  lookup) + causal attention 2 x n_h x (qk_head + v_head) x seq/2 x 2 per layer at max_seq_len
-  ... at `seq_len` (argument, default 4096).
+  lookup, no RMSNorm weights) + causal attention, 2 x n_h x (qk_head + v_head) x seq_len/2 per
+  layer, at `seq_len` (argument, default 4096).
 - decode_flops_per_token(c, context): one decode step's forward per row over `context` cached
   positions (absorbed MLA: W_UK/W_UV on the query and output, scores and sums over the latents).
 - mtp_flops_per_token: what the MTP modules add to flops_per_token (their blocks, projections and
@@ -71,10 +71,17 @@ def param_counts(c: ModelConfig) -> dict:
             "embedding_params": emb + head}
 
 
+def _block_norm_weights(c: ModelConfig) -> int:
+    """RMSNorm weights of one block (attention and MLP norms, MLA's latent norms): no products."""
+    mla = 0 if c.attention == "mha" else c.q_lora_rank + c.kv_lora_rank
+    return 2 * c.hidden_size + mla
+
+
 def _product_weights(c: ModelConfig) -> int:
     """Active weights a token's forward multiplies by: all but the input embedding, whose lookup
-    costs no FLOPs (with tied embeddings the one matrix is the head's, and it does)."""
-    active = param_counts(c)["active_params"]
+    costs no FLOPs (with tied embeddings the one matrix is the head's, and it does), and the
+    RMSNorm weights (a scale, no product)."""
+    active = param_counts(c)["active_params"] - c.num_layers * _block_norm_weights(c) - c.hidden_size
     return active if c.tie_embeddings else active - c.vocab_size * c.hidden_size
 
 
@@ -96,14 +103,11 @@ def decode_flops_per_token(c: ModelConfig, context: int) -> int:
     (qk + v) x context. The MTP modules do not run in decoding. A bench divides a step's FLOPs
     (rows x this) by its time and the measured matmul peak: the share of the peak a decode step
     reaches, or would need."""
-    norms = c.num_layers * 2 * c.hidden_size + c.hidden_size  # RMSNorm weights: no products
     if c.attention == "mha":
         per_pos = c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
     else:
-        norms += c.num_layers * (c.q_lora_rank + c.kv_lora_rank)
         per_pos = c.num_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
-    matmul = _product_weights(c) - norms
-    return int(2 * matmul + c.num_layers * 2 * per_pos * context)
+    return int(2 * _product_weights(c) + c.num_layers * 2 * per_pos * context)
 
 
 def kv_cache_bytes(c: ModelConfig, dtype: str | None = None) -> dict:
@@ -118,10 +122,12 @@ def kv_cache_bytes(c: ModelConfig, dtype: str | None = None) -> dict:
 
 def mtp_flops_per_token(c: ModelConfig, seq_len: int = 4096) -> int:
     """Training FLOPs per token of the MTP modules (not in `flops_per_token`): per depth, 3 x (2 x
-    (its block's active weights + the 2d->d projection + the shared output head) + its attention)."""
+    (its block's active weights + the 2d->d projection + the shared output head) + its attention).
+    Per token of the sequence: depth k runs on seq_len - k positions, so this counts k / seq_len
+    more than its products compute (bench/train_floor.py counts them exactly with mtp_depth 0)."""
     if not c.mtp_depth:
         return 0
-    block = layer_params(c, c.n_routed_experts > 0)[1]
+    block = layer_params(c, c.n_routed_experts > 0)[1] - _block_norm_weights(c)
     qk = c.qk_nope_head_dim + c.qk_rope_head_dim
     attn = 2 * c.num_heads * (qk + c.v_head_dim) * (seq_len / 2)
     per_depth = 2 * (block + 2 * c.hidden_size * c.hidden_size + c.vocab_size * c.hidden_size) + attn
